@@ -1,0 +1,8 @@
+"""Models, configuration, weights and prediction."""
+
+from fastchgnet.model.config import CHGNetConfig
+from fastchgnet.model.exact import CHGNet
+from fastchgnet.model.predict import predict
+from fastchgnet.model.weights import load_model, save_checkpoint
+
+__all__ = ["CHGNet", "CHGNetConfig", "load_model", "predict", "save_checkpoint"]

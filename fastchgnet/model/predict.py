@@ -1,0 +1,111 @@
+"""Prediction API: structures in, numpy arrays out (chgnet's keys and units)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from fastchgnet.data.batch import collate, split_by_size
+from fastchgnet.data.graph import CrystalGraph, build_graphs
+from fastchgnet.model.exact import check_task
+
+# Default bounds on one batch so that a few huge structures do not exhaust memory. Counted in
+# atoms, directed bonds and angles (the sizes that drive memory), as well as structures.
+DEFAULT_MAX_ATOMS = 20_000
+DEFAULT_MAX_BONDS = 1_500_000
+DEFAULT_MAX_ANGLES = 3_000_000
+
+
+def _is_single(structures: Any) -> bool:
+    return not isinstance(structures, (list, tuple)) or (
+        hasattr(structures, "get_positions")  # an ASE Atoms is not a list
+    )
+
+
+def predict(
+    model: torch.nn.Module,
+    structures: Any,
+    *,
+    task: str = "efsm",
+    batch_size: int = 16,
+    return_site_energies: bool = False,
+    return_crystal_feas: bool = False,
+    return_atom_feas: bool = False,
+    max_atoms: int | None = DEFAULT_MAX_ATOMS,
+    max_bonds: int | None = DEFAULT_MAX_BONDS,
+    max_angles: int | None = DEFAULT_MAX_ANGLES,
+    on_isolated_atoms: str = "error",
+    ids: Sequence[Any] | None = None,
+) -> dict[str, np.ndarray] | list[dict[str, np.ndarray]]:
+    """Predict energy, forces, stress and magnetic moments.
+
+    Args:
+        model: a fastchgnet model (e.g. from :func:`fastchgnet.load_model`).
+        structures: a pymatgen ``Structure``, an ASE ``Atoms``, a :class:`CrystalGraph`, or a list
+            of them.
+        task: which outputs: ``"e"``, ``"ef"``, ``"em"``, ``"efs"``, ``"efsm"``...
+        batch_size: at most this many structures per batch.
+        max_atoms, max_bonds, max_angles: further bounds on one batch (bonds counted directed);
+            ``None`` for no bound. A single structure above a bound runs alone.
+        on_isolated_atoms: ``"error"``, ``"warn"`` or ``"ignore"`` (atoms without a neighbour
+            within the atom-graph cutoff).
+        ids: optional ids, used in error messages.
+
+    Returns:
+        For one structure a dict, for a list a list of dicts (same order), of numpy arrays:
+        ``e`` () eV/atom, ``f`` (n, 3) eV/Å, ``s`` (3, 3) GPa (positive = tensile), ``m`` (n,) μB;
+        on request ``site_energies`` (n,) eV, ``crystal_fea`` (d,), ``atom_fea`` (n, d).
+
+    Raises:
+        ValueError naming every bad structure (index and id) and its problem; nothing is predicted
+        then, so no result is silently missing.
+    """
+    check_task(task)
+    single = _is_single(structures)
+    items = [structures] if single else list(structures)
+    if not items:
+        return []
+    gkw = model.graph_kwargs()
+    to_build = [i for i, s in enumerate(items) if not isinstance(s, CrystalGraph)]
+    built = build_graphs([items[i] for i in to_build],
+                         ids=[ids[i] if ids is not None else i for i in to_build],
+                         on_isolated_atoms=on_isolated_atoms, **gkw) if to_build else []
+    graphs: list[CrystalGraph] = list(items)  # type: ignore[arg-type]
+    for i, g in zip(to_build, built):
+        graphs[i] = g
+
+    p = next(model.parameters())
+    device, dtype = p.device, p.dtype
+    was_training = model.training
+    model.eval()
+    results: list[dict[str, np.ndarray]] = []
+    try:
+        for group in split_by_size(graphs, max_graphs=batch_size, max_atoms=max_atoms,
+                                   max_bonds=max_bonds, max_angles=max_angles):
+            batch = collate([graphs[i] for i in group], dtype=dtype).to(device)
+            with torch.no_grad() if task in ("e", "em") else nullcontext():
+                out = model(batch, task=task, create_graph=False,
+                            return_site_energies=return_site_energies,
+                            return_crystal_feas=return_crystal_feas,
+                            return_atom_feas=return_atom_feas)
+            results.extend(_unbatch(out, batch.n_atoms.tolist()))
+    finally:
+        model.train(was_training)
+    return results[0] if single else results
+
+
+def _unbatch(out: dict[str, torch.Tensor], n_atoms: list[int]) -> list[dict[str, np.ndarray]]:
+    per_graph = {"e", "s", "crystal_fea"}
+    per_atom = {"f", "m", "site_energies", "atom_fea"}
+    arrays = {k: v.detach().cpu().numpy() for k, v in out.items() if k in per_graph | per_atom}
+    splits = np.cumsum(n_atoms)[:-1]
+    res: list[dict[str, np.ndarray]] = [{} for _ in n_atoms]
+    for k, a in arrays.items():
+        parts = np.split(a, splits) if k in per_atom else list(a)
+        for r, part in zip(res, parts):
+            r[k] = np.asarray(part)
+    return res
+

@@ -1,0 +1,232 @@
+"""Loading and saving weights: the published CHGNet checkpoints and our own format.
+
+``load_model("0.3.0")`` reads the weight file shipped inside the installed ``chgnet`` package
+(located with ``importlib`` — the package itself is never imported) and converts the reference's
+parameter layout to the packed layout of :class:`~fastchgnet.model.exact.CHGNet`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastchgnet.model.config import CHGNetConfig
+from fastchgnet.model.exact import CHGNet
+
+FORMAT_NAME = "fastchgnet"
+FORMAT_VERSION = 1
+PRETRAINED = ("0.3.0", "0.2.0", "r2scan")
+MODEL_TYPES: dict[str, type[CHGNet]] = {"exact": CHGNet}
+
+
+def register_model_type(name: str, cls: type[CHGNet]) -> None:
+    """Make a model class loadable from checkpoints under ``model_type = name``."""
+    MODEL_TYPES[name] = cls
+
+
+def chgnet_weight_file(name: str = "0.3.0") -> Path:
+    """Path of a pretrained weight file inside the installed ``chgnet`` package."""
+    spec = importlib.util.find_spec("chgnet")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the CHGNet {name} weights ship with the `chgnet` package, which is not installed: "
+            "install it (`pip install chgnet==0.4.2`, or `pip install fastchgnet[test]`) or pass "
+            "the path of a CHGNet .pth.tar or fastchgnet checkpoint to load_model()"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "pretrained" / name
+    files = sorted(folder.glob("*.pth.tar"))
+    if not files:
+        raise FileNotFoundError(f"no weight file for CHGNet {name!r} under {folder}")
+    return files[0]
+
+
+def load_model(
+    model: str | os.PathLike = "0.3.0",
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> CHGNet:
+    """Load a model.
+
+    Args:
+        model: ``"0.3.0"`` (the published CHGNet weights, from the installed ``chgnet`` package;
+            also ``"0.2.0"`` and ``"r2scan"``), or the path of a CHGNet ``.pth.tar`` or of a
+            fastchgnet checkpoint (see :func:`save_checkpoint`).
+        device: where to put the model (default: CPU).
+        dtype: parameter dtype, e.g. ``torch.float64`` (default float32).
+    """
+    key = str(model)
+    if key in PRETRAINED and not Path(key).exists():
+        path = chgnet_weight_file(key)
+        version = key
+    else:
+        path = Path(model)
+        version = None
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{key!r} is neither a pretrained model name {PRETRAINED} nor an existing file"
+            )
+    ckpt = _torch_load(path)
+    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT_NAME:
+        net = _from_ours(ckpt, path)
+    elif isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and "model_args" in ckpt["model"]:
+        args = dict(ckpt["model"]["model_args"])
+        if version == "0.2.0":
+            args.setdefault("mlp_out_bias", True)  # the reference loads 0.2.0 this way
+        net = from_chgnet_state_dict(ckpt["model"]["state_dict"], args)
+        net.version = version or args.get("version")
+    else:
+        raise ValueError(
+            f"{path} is neither a fastchgnet checkpoint nor a CHGNet checkpoint "
+            "(expected a dict with 'format': 'fastchgnet', or with 'model': {'state_dict', 'model_args'})"
+        )
+    if dtype is not None:
+        net = net.to(dtype)
+    if device is not None:
+        net = net.to(device)
+    return net.eval()
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # CHGNet checkpoints hold optimizer/trainer objects: trusted files only
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _from_ours(ckpt: dict, path: Path) -> CHGNet:
+    ver = ckpt.get("format_version")
+    if ver is None or ver > FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported fastchgnet checkpoint format_version {ver!r}")
+    mtype = ckpt.get("model_type", "exact")
+    if mtype not in MODEL_TYPES:
+        raise ValueError(f"{path}: unknown model_type {mtype!r} (known: {sorted(MODEL_TYPES)})")
+    net = MODEL_TYPES[mtype](CHGNetConfig.from_dict(ckpt["config"]))
+    net.load_state_dict(ckpt["state_dict"])
+    net.version = ckpt.get("version")
+    return net
+
+
+def save_checkpoint(model: CHGNet, path: str | os.PathLike, **extra: Any) -> Path:
+    """Write ``{format, format_version, model_type, config, state_dict, ...extra}`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model_type": model.model_type,
+        "config": model.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "version": getattr(model, "version", None),
+        **extra,
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# reference layout -> packed layout
+
+
+def from_chgnet_state_dict(sd: dict[str, Tensor], model_args: dict[str, Any]) -> CHGNet:
+    """Build an exact model from a reference CHGNet ``state_dict`` and ``model_args``."""
+    cfg = CHGNetConfig.from_chgnet_args(model_args)
+    net = CHGNet(cfg)
+    net.load_state_dict(convert_chgnet_state_dict(sd, cfg))
+    return net
+
+
+def _mlp_linears(prefix: str, sd: dict[str, Tensor], hidden: int) -> list[str]:
+    """Prefixes of the Linear layers of a reference ``MLP`` (first, then the output layer)."""
+    return [f"{prefix}.layers.0", f"{prefix}.layers.3"] if hidden > 0 else [f"{prefix}.layers.1"]
+
+
+def _gated(sd: dict[str, Tensor], prefix: str, hidden: int, splits: list[int]):
+    """First-layer weight column blocks of core and gate, their biases, and the tail params."""
+    first_c, *rest_c = _mlp_linears(f"{prefix}.mlp_core", sd, hidden)
+    first_g, *rest_g = _mlp_linears(f"{prefix}.mlp_gate", sd, hidden)
+    wc = torch.split(sd[f"{first_c}.weight"], splits, dim=1)
+    wg = torch.split(sd[f"{first_g}.weight"], splits, dim=1)
+    bias = torch.cat([sd[f"{first_c}.bias"], sd[f"{first_g}.bias"]])
+    tail: dict[str, Tensor] = {}
+    if hidden > 0:
+        for name, src in (("core2", rest_c[0]), ("gate2", rest_g[0])):
+            tail[f"tail.{name}.weight"] = sd[f"{src}.weight"]
+            tail[f"tail.{name}.bias"] = sd[f"{src}.bias"]
+    for name, src in (("norm_core", "bn1"), ("norm_gate", "bn2")):
+        if f"{prefix}.{src}.weight" in sd:
+            tail[f"tail.{name}.weight"] = sd[f"{prefix}.{src}.weight"]
+            tail[f"tail.{name}.bias"] = sd[f"{prefix}.{src}.bias"]
+    return wc, wg, bias, tail
+
+
+def convert_chgnet_state_dict(sd: dict[str, Tensor], cfg: CHGNetConfig) -> dict[str, Tensor]:
+    """Map a reference CHGNet state dict onto :class:`CHGNet`'s packed parameters."""
+    A, B, G = cfg.atom_fea_dim, cfg.bond_fea_dim, cfg.angle_fea_dim
+    out: dict[str, Tensor] = {
+        "atom_embedding.weight": sd["atom_embedding.embedding.weight"],
+        "rbf_ag.frequencies": sd["bond_basis_expansion.rbf_expansion_ag.frequencies"],
+        "rbf_bg.frequencies": sd["bond_basis_expansion.rbf_expansion_bg.frequencies"],
+        "angle_basis.frequencies": sd["angle_basis_expansion.fourier_expansion.frequencies"],
+        "bond_embed_ag.weight": torch.cat([sd["bond_embedding.weight"], sd["bond_weights_ag.weight"]]),
+        "bond_weights_bg.weight": sd["bond_weights_bg.weight"],
+        "angle_embedding.weight": sd["angle_embedding.weight"],
+        "site_wise.weight": sd["site_wise.weight"],
+        "site_wise.bias": sd["site_wise.bias"],
+    }
+    if "composition_model.fc.weight" in sd:
+        out["atom_ref"] = sd["composition_model.fc.weight"].reshape(-1)
+    if cfg.readout_norm == "layer":
+        out["readout_norm.weight"] = sd["readout_norm.weight"]
+        out["readout_norm.bias"] = sd["readout_norm.bias"]
+    n_hidden = len(cfg.mlp_hidden_dims)
+    ref_idx = [2 * k for k in range(n_hidden)] + [2 * n_hidden + 1]
+    for ours, ref in enumerate(ref_idx):
+        for p in ("weight", "bias"):
+            out[f"readout.{2 * ours}.{p}"] = sd[f"mlp.layers.{ref}.{p}"]
+
+    def put_mlp_out(dst: str, src: str) -> None:
+        out[f"{dst}.mlp_out.weight"] = sd[f"{src}.mlp_out.layers.1.weight"]
+        if f"{src}.mlp_out.layers.1.bias" in sd:
+            out[f"{dst}.mlp_out.bias"] = sd[f"{src}.mlp_out.layers.1.bias"]
+
+    for k in range(cfg.n_conv):
+        src = f"atom_conv_layers.{k}"
+        wc, wg, bias, tail = _gated(sd, f"{src}.twoBody_atom", cfg.atom_conv_hidden_dim, [A, B, A])
+        dst = f"atom_convs.{k}"
+        out[f"{dst}.w_atom"] = torch.cat([wc[0], wg[0], wc[2], wg[2]])
+        out[f"{dst}.w_bond"] = torch.cat([wc[1], wg[1]])
+        out[f"{dst}.bias"] = bias
+        out.update({f"{dst}.{n}": v for n, v in tail.items()})
+        put_mlp_out(dst, src)
+    layer_sets = []
+    if cfg.update_bond:
+        layer_sets.append(("bond_conv_layers", "bond_convs", cfg.bond_conv_hidden_dim, True))
+    if cfg.update_angle:
+        layer_sets.append(("angle_layers", "angle_updates", cfg.angle_layer_hidden_dim, False))
+    for ref_name, our_name, hidden, has_out in layer_sets:
+        for k in range(cfg.n_conv - 1):
+            src = f"{ref_name}.{k}"
+            wc, wg, bias, tail = _gated(sd, f"{src}.twoBody_bond", hidden, [B, B, G, A])
+            dst = f"{our_name}.{k}"
+            out[f"{dst}.w_bond"] = torch.cat([wc[0], wg[0], wc[1], wg[1]])
+            out[f"{dst}.w_angle"] = torch.cat([wc[2], wg[2]])
+            out[f"{dst}.w_atom"] = torch.cat([wc[3], wg[3]])
+            out[f"{dst}.bias"] = bias
+            out.update({f"{dst}.{n}": v for n, v in tail.items()})
+            if has_out:
+                put_mlp_out(dst, src)
+    return {k: v.clone() for k, v in out.items()}
