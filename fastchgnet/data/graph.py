@@ -119,10 +119,14 @@ def structure_arrays(structure: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray
     if hasattr(structure, "lattice") and hasattr(structure, "sites"):
         if not getattr(structure, "is_ordered", True):
             raise ValueError("is disordered (partial occupancies); order it first")
-        try:
-            z = np.fromiter((site.specie.Z for site in structure), dtype=np.int64, count=len(structure))
-        except AttributeError as exc:
-            raise ValueError(f"has a species that is not an element ({exc})") from None
+        from pymatgen.core.periodic_table import DummySpecies
+
+        species = structure.species
+        for sp in set(species):  # distinct species only
+            if isinstance(sp, DummySpecies) or not hasattr(sp, "Z"):
+                raise ValueError(f"has a species that is not an element ({sp}) at site "
+                                 f"{species.index(sp)}")
+        z = np.asarray(structure.atomic_numbers, dtype=np.int64)
         pos = np.asarray(structure.cart_coords, dtype=np.float64).reshape(-1, 3)
         lat = np.asarray(structure.lattice.matrix, dtype=np.float64)
         pbc = np.asarray(getattr(structure.lattice, "pbc", (True, True, True)), dtype=bool)

@@ -1,0 +1,36 @@
+# fastchgnet — two commands on a fresh machine: `make demo` and `make test`.
+# Both create the virtual environment .venv when it is missing.
+#
+# torch is installed first and pinned to the CPU wheel on machines without an NVIDIA driver,
+# so that pip never downloads the multi-GB CUDA build there. Set TORCH_SPEC to override.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+TORCH_SPEC ?= $(if $(HAS_NVIDIA),torch,torch==2.13.0)
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench env clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+env: $(VENV)/.installed
+
+demo: env
+	$(PY) -m fastchgnet demo
+
+test: env
+	$(PY) -m pytest tests -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+bench: env
+	$(PY) -m pytest benchmarks --benchmark-only -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks build *.egg-info

@@ -1,0 +1,495 @@
+"""Side-by-side speed benchmark of fastchgnet against the reference ``chgnet`` package.
+
+Every case times our implementation and the reference in the same process, on the same device,
+interleaved (ours, ref, ref, ours, ... so neither always runs first), after warm-up, with
+``time.perf_counter`` (and ``torch.cuda.synchronize`` on CUDA). A row holds medians and the ratio
+``ref_ms / ours_ms`` (> 1 means we are faster). On CUDA a row also holds the peak memory of one
+call (``torch.cuda.max_memory_allocated`` after a reset) and the CUDA kernels launched by one call
+(counted with ``torch.profiler``).
+
+Used by ``fastchgnet bench`` and ``fastchgnet demo``; ``benchmarks/`` has the pytest-benchmark
+version of the same cases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+# The shared CIFs (LiMnO2, Li9Co7O16). Looked up next to the repository, or under
+# $FASTCHGNET_BENCH_DATA; the built-in prototypes stand in when they are absent.
+_CIF_LIMNO2 = "mp-18767-LiMnO2.cif"
+_CIF_LICOO = "mp-1175469-Li9Co7O16.cif"
+
+
+def structures_dir() -> Path | None:
+    """Folder holding the shared benchmark CIFs, or None."""
+    candidates = []
+    if os.environ.get("FASTCHGNET_BENCH_DATA"):
+        candidates.append(Path(os.environ["FASTCHGNET_BENCH_DATA"]))
+    root = Path(__file__).resolve().parents[1]
+    candidates += [root.parent / "shared" / "data" / "structures", Path.cwd() / "shared" / "data" / "structures"]
+    for c in candidates:
+        if (c / _CIF_LIMNO2).is_file() and (c / _CIF_LICOO).is_file():
+            return c
+    return None
+
+
+def _rattled(s: Any, rattle: float, strain: float, seed: int) -> Any:
+    from pymatgen.core import Lattice, Structure
+
+    rng = np.random.default_rng(seed)
+    eps = rng.uniform(-strain, strain, (3, 3))
+    eps = (eps + eps.T) / 2
+    lat = Lattice(s.lattice.matrix @ (np.eye(3) + eps))
+    s = Structure(lat, s.species, s.frac_coords)
+    return Structure(s.lattice, s.species, s.cart_coords + rng.normal(0.0, rattle, (len(s), 3)),
+                     coords_are_cartesian=True)
+
+
+@dataclass
+class BenchStructures:
+    """The structures of the benchmark cases and where they came from."""
+
+    small: Any  # LiMnO2 (8 atoms) or a stand-in
+    medium: Any  # Li9Co7O16 (32 atoms) or a stand-in
+    large: Any  # 864-atom supercell of ``medium`` (or an 800+ atom stand-in)
+    batch: list  # 16 varied structures of 8-32 atoms
+    source: str  # "cif" or "prototypes"
+    names: tuple[str, str, str]
+
+
+def bench_structures(n_batch: int = 16) -> BenchStructures:
+    """Load the benchmark structures (shared CIFs if present, else built-in prototypes)."""
+    folder = structures_dir()
+    if folder is not None:
+        from pymatgen.core import Structure
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            small = Structure.from_file(str(folder / _CIF_LIMNO2))
+            medium = Structure.from_file(str(folder / _CIF_LICOO))
+        large = medium.copy()
+        large.make_supercell(3)  # 864 atoms
+        # 16 varied structures of 8-32 atoms: the two cells and supercells, strained and rattled
+        bases = [small, small * (2, 1, 1), small * (1, 3, 1), medium]
+        batch = [_rattled(bases[i % len(bases)], 0.03, 0.02, seed=i) for i in range(n_batch)]
+        names = (small.composition.reduced_formula, medium.composition.reduced_formula,
+                 f"{medium.composition.reduced_formula} 3x3x3")
+        return BenchStructures(small, medium, large, batch, "cif", names)
+
+    from fastchgnet.data.prototypes import make, random_structures
+
+    small = make("rocksalt", ["Li", "O"], supercell=(1, 1, 1))  # 8 atoms (conventional cell)
+    medium = make("layered", ["Li", "Co", "O"], supercell=(1, 1, 1), rattle=0.02, seed=3)
+    medium = medium * (2, 1, 1) if len(medium) < 20 else medium  # 24 atoms
+    large = make("layered", ["Li", "Co", "O"], supercell=(6, 6, 2), rattle=0.02, seed=4)  # 864
+    batch = random_structures(n_batch, seed=0, max_atoms=32)
+    names = (small.composition.reduced_formula, medium.composition.reduced_formula,
+             f"{medium.composition.reduced_formula} {len(large)} atoms")
+    return BenchStructures(small, medium, large, batch, "prototypes", names)
+
+
+# ----------------------------------------------------------------------------------------------
+# environment
+
+
+def resolve_device(device: str | None) -> str:
+    """``auto`` -> ``cuda`` when available else ``cpu``; ``cuda`` without a GPU raises."""
+    device = (device or "auto").lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+    return device
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = __import__(module)
+    except Exception:  # absent or broken: report as missing
+        return None
+    return str(getattr(mod, "__version__", "unknown"))
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """Versions and hardware for a benchmark record."""
+    import fastchgnet
+
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = None
+    env: dict[str, Any] = {
+        "fastchgnet": fastchgnet.__version__,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "chgnet": _version("chgnet"),
+        "numpy": np.__version__,
+        "pymatgen": _pymatgen_version(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "torch_threads": torch.get_num_threads(),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        idx = torch.device(device).index or 0
+        env["device_name"] = torch.cuda.get_device_name(idx)
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+    else:
+        env["device_name"] = env["cpu"]
+    return env
+
+
+def _pymatgen_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("pymatgen")
+    except Exception:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# measurement
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence stdout and warnings (the reference prints on load and warns on import)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], Any], device: str) -> float:
+    """Milliseconds of one call (device work included)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], device: str, repeats: int = 5, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Time several implementations of one case, alternating their order each round."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    _sync(device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names if r % 2 == 0 else names[::-1]:
+            times[n].append(time_call(fns[n], device))
+    return times
+
+
+def peak_memory_mib(fn: Callable[[], Any], device: str) -> float | None:
+    """Peak CUDA memory (MiB) allocated during one call, from ``torch.cuda.max_memory_allocated``."""
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+_NOT_KERNELS = ("memcpy", "memset")
+
+
+def count_cuda_kernels(fn: Callable[[], Any], device: str) -> int | None:
+    """CUDA kernels launched by one call, counted with ``torch.profiler``.
+
+    Counts the profiler's device-side events of device type CUDA, minus memcpy/memset records.
+    Only ``FunctionEvent.device_type`` and ``profile.events()`` are used: both exist unchanged in
+    torch 2.4 through 2.13. Returns None off CUDA or when the profiler cannot trace CUDA.
+    """
+    if not device.startswith("cuda"):
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        events = prof.events() or []
+    except Exception as exc:  # no CUPTI, profiler already active, ...
+        warnings.warn(f"kernel count unavailable: {exc}", stacklevel=2)
+        return None
+    n = 0
+    for ev in events:
+        if getattr(ev, "device_type", None) != DeviceType.CUDA:
+            continue
+        name = (getattr(ev, "name", "") or "").lower()
+        if any(k in name for k in _NOT_KERNELS):
+            continue
+        n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
+# the benchmark
+
+
+@dataclass
+class _Case:
+    name: str
+    kind: str  # "graph" or "predict"
+    n_structures: int
+    n_atoms: int
+    ours: Callable[[], Any]
+    ref: Callable[[], Any] | None
+    extra: dict
+
+
+def load_reference(device: str) -> Any | None:
+    """The reference ``chgnet.model.CHGNet`` (0.3.0) on ``device``, or None if chgnet is absent."""
+    try:
+        with quiet():
+            from chgnet.model import CHGNet as RefCHGNet
+
+            return RefCHGNet.load(model_name="0.3.0", verbose=False, use_device=device)
+    except ImportError:
+        return None
+
+
+def reference_converter() -> Any | None:
+    try:
+        with quiet():
+            from chgnet.graph import CrystalGraphConverter
+        return CrystalGraphConverter(atom_graph_cutoff=6, bond_graph_cutoff=3)
+    except ImportError:
+        return None
+
+
+def graph_counts(graphs: list) -> dict[str, int]:
+    """Atoms, undirected and directed bonds, angles of our graphs (summed)."""
+    return {
+        "atoms": sum(g.n_atoms for g in graphs),
+        "bonds": sum(g.n_bonds for g in graphs),
+        "directed_bonds": sum(g.n_directed_bonds for g in graphs),
+        "angles": sum(g.n_angles for g in graphs),
+    }
+
+
+def _cases(device: str, quick: bool, model: Any, ref: Any | None, conv: Any | None,
+           structs: BenchStructures) -> list[_Case]:
+    from fastchgnet.data.graph import build_graph
+
+    cases: list[_Case] = []
+    graph_inputs = [(f"graph {structs.names[2]}", structs.large),
+                    (f"graph {structs.names[0]}", structs.small),
+                    (f"graph {structs.names[1]}", structs.medium)]
+    for name, s in graph_inputs:
+        g = build_graph(s)
+        extra = graph_counts([g])
+        if conv is not None:
+            with quiet():
+                rg = conv(s)
+            extra["ref_directed_bonds"] = int(rg.atom_graph.shape[0])
+            extra["ref_angles"] = int(rg.bond_graph.shape[0])
+        cases.append(_Case(name, "graph", 1, len(s), (lambda s=s: build_graph(s)),
+                           (lambda s=s: conv(s)) if conv is not None else None, extra))
+
+    def predict_case(name: str, items: list, task: str, bs: int) -> _Case:
+        counts = graph_counts([build_graph(s) for s in items])
+        extra = {**counts, "task": task, "batch_size": bs, "dtype": str(next(model.parameters()).dtype)}
+
+        def ours() -> Any:
+            return model.predict(items, task=task, batch_size=bs)
+
+        def reference() -> Any:
+            with quiet():
+                return ref.predict_structure(items, task=task, batch_size=bs)
+
+        return _Case(name, "predict", len(items), counts["atoms"], ours,
+                     reference if ref is not None else None, extra)
+
+    n = len(structs.batch)
+    for task in ("e", "efsm"):
+        for bs in (1, 16):
+            cases.append(predict_case(f"predict {task} {n}x b{bs}", structs.batch, task, bs))
+    if not quick:
+        for label, s in ((structs.names[0], structs.small), (structs.names[1], structs.medium)):
+            cases.append(predict_case(f"predict efsm {label}", [s], "efsm", 1))
+    return cases
+
+
+def run_bench(
+    device: str = "cpu",
+    repeats: int = 5,
+    warmup: int = 1,
+    quick: bool = False,
+    *,
+    reference: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Run all cases; one dict per case (see the module docstring).
+
+    Args:
+        device: ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``) or ``"auto"``.
+        repeats: timed calls per implementation and case (medians are reported).
+        warmup: untimed calls per implementation and case first.
+        quick: fewer repeats (at most 2) and no single-structure prediction cases.
+        reference: also time the reference ``chgnet`` when it is installed.
+        progress: called with each case's name before it runs (e.g. ``print``).
+    """
+    import fastchgnet
+
+    device = resolve_device(device)
+    if quick:
+        repeats = min(repeats, 2)
+    repeats = max(1, int(repeats))
+    warmup = max(0, int(warmup))
+    model = fastchgnet.load_model("0.3.0", device=device)
+    ref = load_reference(device) if reference else None
+    conv = reference_converter() if reference else None
+    structs = bench_structures()
+
+    rows: list[dict] = []
+    for case in _cases(device, quick, model, ref, conv, structs):
+        if progress is not None:
+            progress(case.name)
+        fns = {"ours": case.ours}
+        if case.ref is not None:
+            fns["ref"] = case.ref
+        times = time_interleaved(fns, device, repeats=repeats, warmup=warmup)
+        ours_ms = statistics.median(times["ours"])
+        ref_ms = statistics.median(times["ref"]) if "ref" in times else None
+        row: dict[str, Any] = {
+            "case": case.name,
+            "kind": case.kind,
+            "device": device,
+            "n_structures": case.n_structures,
+            "n_atoms": case.n_atoms,
+            "ours_ms": ours_ms,
+            "ref_ms": ref_ms,
+            "ratio": (ref_ms / ours_ms) if ref_ms is not None and ours_ms > 0 else None,
+            "ours_ms_all": times["ours"],
+            "ref_ms_all": times.get("ref"),
+            "repeats": repeats,
+            "warmup": warmup,
+            "structures": structs.source,
+            **case.extra,
+        }
+        if device.startswith("cuda"):
+            # graph construction runs on the host in both implementations: no device numbers
+            on_device = case.kind == "predict"
+            row["ours_peak_mib"] = peak_memory_mib(case.ours, device) if on_device else None
+            row["ref_peak_mib"] = (peak_memory_mib(case.ref, device)
+                                   if on_device and case.ref is not None else None)
+            row["ours_kernels"] = count_cuda_kernels(case.ours, device) if on_device else None
+            row["ref_kernels"] = (count_cuda_kernels(case.ref, device)
+                                  if on_device and case.ref is not None else None)
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+
+
+def _fmt(v: Any, spec: str) -> str:
+    if v is None:
+        return "n/a"
+    return format(v, spec)
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table of benchmark rows (CUDA columns only when a row has them)."""
+    cuda = any("ours_peak_mib" in r for r in rows)
+    head = ["case", "structs", "atoms", "ours ms", "ref ms", "ref/ours"]
+    if cuda:
+        head += ["ours MiB", "ref MiB", "ours kern", "ref kern"]
+    body = []
+    for r in rows:
+        line = [r["case"], str(r["n_structures"]), str(r["n_atoms"]), _fmt(r["ours_ms"], ".2f"),
+                _fmt(r.get("ref_ms"), ".2f"),
+                "n/a" if r.get("ratio") is None else f"{r['ratio']:.2f}x"]
+        if cuda:
+            line += [_fmt(r.get("ours_peak_mib"), ".1f"), _fmt(r.get("ref_peak_mib"), ".1f"),
+                     _fmt(r.get("ours_kernels"), "d"), _fmt(r.get("ref_kernels"), "d")]
+        body.append(line)
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+
+    def fmt_line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    out = [fmt_line(head), "  ".join("-" * w for w in widths)]
+    out += [fmt_line(b) for b in body]
+    return "\n".join(out)
+
+
+def format_environment(env: dict) -> str:
+    keys = ("device", "device_name", "cpu_count", "torch_threads", "torch", "triton", "chgnet",
+            "fastchgnet", "cuda")
+    return ", ".join(f"{k}={env[k]}" for k in keys if env.get(k) is not None)
+
+
+def main_bench(device: str = "auto", repeats: int = 5, warmup: int = 1, quick: bool = False,
+               json_path: str | None = None, stream: Any = None) -> list[dict]:
+    """Run, print the table (and environment), optionally save ``{environment, rows}`` as JSON."""
+    stream = stream or sys.stdout
+    device = resolve_device(device)
+    env = environment(device)
+    print(f"# {format_environment(env)}", file=stream, flush=True)
+    t0 = time.perf_counter()
+    rows = run_bench(device, repeats=repeats, warmup=warmup, quick=quick,
+                     progress=lambda name: print(f"  running {name} ...", file=sys.stderr, flush=True))
+    wall = time.perf_counter() - t0
+    print(format_table(rows), file=stream)
+    ref_note = "" if any(r.get("ref_ms") is not None for r in rows) else " (chgnet not installed)"
+    done = rows[0]["repeats"] if rows else repeats
+    print(f"# medians of {done} interleaved calls after {warmup} warm-up; "
+          f"ratio = ref/ours{ref_note}; "
+          f"structures: {rows[0]['structures'] if rows else '?'}; total {wall:.1f} s",
+          file=stream)
+    if json_path:
+        import json
+
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"environment": env, "settings": {"repeats": repeats, "warmup": warmup, "quick": quick},
+                   "wall_s": wall, "rows": rows}
+        path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        print(f"# saved {path}", file=stream)
+    return rows

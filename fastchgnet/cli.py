@@ -1,0 +1,260 @@
+"""The ``fastchgnet`` command (also ``python -m fastchgnet``).
+
+Subcommands are registered in :data:`COMMANDS`: each entry is a function that adds its own
+sub-parser and sets ``func`` (the handler, called with the parsed ``argparse.Namespace`` and
+returning an exit code). To add a command (train, evaluate, relax, md, ...), write
+``_add_<name>(subparsers)`` and append it to ``COMMANDS`` — or call :func:`register_command`
+from another module before :func:`main` runs. Heavy imports happen inside the handlers so that
+``fastchgnet --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable, Sequence
+
+AddCommand = Callable[["argparse._SubParsersAction"], None]
+
+
+# ----------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _add_device_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    p.add_argument("--device", default=default,
+                   help="cpu, cuda, cuda:N or auto (cuda when available) [default: %(default)s]")
+
+
+def _device(name: str) -> str:
+    from fastchgnet.bench import resolve_device
+
+    return resolve_device(name)
+
+
+def read_structures(path: str) -> list[tuple[str, Any]]:
+    """``(label, structure)`` pairs of one file: pymatgen ``Structure.from_file`` first, then
+    ``ase.io.read`` (every frame of a multi-frame file)."""
+    import warnings
+
+    errors = []
+    try:
+        from pymatgen.core import Structure
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return [(path, Structure.from_file(path))]
+    except Exception as exc:  # unknown format for pymatgen: try ASE
+        errors.append(f"pymatgen: {exc}")
+    try:
+        import ase.io
+
+        frames = ase.io.read(path, index=":")
+        if not isinstance(frames, list):
+            frames = [frames]
+        if len(frames) == 1:
+            return [(path, frames[0])]
+        return [(f"{path}@{i}", a) for i, a in enumerate(frames)]
+    except Exception as exc:
+        errors.append(f"ase: {exc}")
+    raise ValueError(f"cannot read {path}: " + "; ".join(errors))
+
+
+def _formula(s: Any) -> str:
+    if hasattr(s, "composition"):
+        return s.composition.reduced_formula
+    if hasattr(s, "get_chemical_formula"):
+        return s.get_chemical_formula(mode="metal", empirical=True)
+    return "?"
+
+
+def summarize(pred: dict) -> dict[str, float | None]:
+    """Energy per atom, max |F|, pressure (GPa, positive = compressed) and mean/max |m|."""
+    import numpy as np
+
+    out: dict[str, float | None] = {"e": float(pred["e"]) if "e" in pred else None,
+                                    "fmax": None, "pressure": None, "m_mean": None, "m_max": None}
+    if "f" in pred and len(pred["f"]):
+        out["fmax"] = float(np.linalg.norm(pred["f"], axis=1).max())
+    if "s" in pred:
+        # stress is positive-tensile (the reference's sign): pressure = -trace / 3
+        out["pressure"] = float(-np.trace(pred["s"]) / 3.0)
+    if "m" in pred and len(pred["m"]):
+        m = np.abs(np.asarray(pred["m"]))
+        out["m_mean"], out["m_max"] = float(m.mean()), float(m.max())
+    return out
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def _f(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _prediction_table(labels: list[str], structures: list, preds: list[dict]) -> str:
+    rows = []
+    for label, s, p in zip(labels, structures, preds):
+        sm = summarize(p)
+        rows.append([label, _formula(s), str(len(s)), _f(sm["e"], ".5f"), _f(sm["fmax"], ".4f"),
+                     _f(sm["pressure"], ".3f"), _f(sm["m_mean"], ".3f")])
+    return _table(["structure", "formula", "atoms", "e eV/atom", "max|F| eV/A", "P GPa", "mean|m| muB"],
+                  rows)
+
+
+def _load(model: str, device: str):
+    import fastchgnet
+
+    return fastchgnet.load_model(model, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# bench
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time fastchgnet against the reference chgnet, side by side",
+                       description="Time graph construction and prediction, ours vs chgnet, "
+                                   "interleaved in one process; prints medians and ref/ours ratios.")
+    _add_device_arg(p)
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per case [%(default)s]")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up calls per case [%(default)s]")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and cases")
+    p.add_argument("--json", metavar="PATH", help="save the environment and rows as JSON")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from fastchgnet.bench import main_bench
+
+    main_bench(device=args.device, repeats=args.repeats, warmup=args.warmup, quick=args.quick,
+               json_path=args.json)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# predict
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="energy, forces, stress and magmoms of structure files",
+                       description="Predict with a CHGNet model for each structure file "
+                                   "(CIF, POSCAR, extxyz, ... via pymatgen or ASE).")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--task", default="efsm", help="e, ef, efs, efsm, em, ... [%(default)s]")
+    p.add_argument("--model", default="0.3.0",
+                   help="pretrained name (0.3.0, 0.2.0, r2scan) or checkpoint path [%(default)s]")
+    _add_device_arg(p)
+    p.add_argument("--batch-size", type=int, default=16, help="structures per batch [%(default)s]")
+    p.add_argument("--json", metavar="OUT", help="write all predictions (full arrays) as JSON")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    labels: list[str] = []
+    structures: list = []
+    for path in args.files:
+        for label, s in read_structures(path):
+            labels.append(label)
+            structures.append(s)
+    model = _load(args.model, _device(args.device))
+    preds = model.predict(structures, task=args.task, batch_size=args.batch_size, ids=labels)
+    print(_prediction_table(labels, structures, preds))
+    if args.json:
+        import json
+        from pathlib import Path
+
+        records = []
+        for label, s, p in zip(labels, structures, preds):
+            records.append({"file": label, "formula": _formula(s), "n_atoms": len(s),
+                            **{k: v.tolist() for k, v in p.items()}, "summary": summarize(p)})
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"model": str(args.model), "task": args.task,
+                                   "units": {"e": "eV/atom", "f": "eV/A", "s": "GPa (positive = tensile)",
+                                             "m": "muB"},
+                                   "predictions": records}, indent=1) + "\n")
+        print(f"# saved {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# demo
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="predict the built-in crystals, then a quick benchmark")
+    _add_device_arg(p)
+    p.add_argument("--no-bench", action="store_true", help="skip the quick benchmark")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from fastchgnet.data.prototypes import demo_structures
+
+    device = _device(args.device)
+    structures = demo_structures()
+    model = _load("0.3.0", device)
+    t0 = time.perf_counter()
+    preds = model.predict(structures, task="efsm", batch_size=16)
+    dt = time.perf_counter() - t0
+    labels = [f"demo[{i}]" for i in range(len(structures))]
+    print(f"# CHGNet 0.3.0 ({model.n_params:,} parameters) on {device}: "
+          f"{len(structures)} structures, {sum(len(s) for s in structures)} atoms in {dt * 1e3:.0f} ms")
+    print(_prediction_table(labels, structures, preds))
+    if not args.no_bench:
+        from fastchgnet.bench import main_bench
+
+        print()
+        main_bench(device=device, quick=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# parser
+
+COMMANDS: list[AddCommand] = [_add_bench, _add_predict, _add_demo]
+
+
+def register_command(add: AddCommand) -> None:
+    """Add a subcommand: ``add(subparsers)`` must create a sub-parser and ``set_defaults(func=...)``."""
+    if add not in COMMANDS:
+        COMMANDS.append(add)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fastchgnet import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="fastchgnet", description="Fast CHGNet-class universal interatomic potentials.")
+    parser.add_argument("--version", action="version", version=f"fastchgnet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"fastchgnet {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
