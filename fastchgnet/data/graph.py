@@ -185,6 +185,8 @@ def build_graph(
     """
     from pymatgen.optimization.neighbors import find_points_in_spheres
 
+    if on_isolated_atoms not in ("error", "warn", "ignore"):
+        raise ValueError(f"on_isolated_atoms must be 'error', 'warn' or 'ignore', got {on_isolated_atoms!r}")
     who = _name(graph_id, index)
     try:
         z, pos, lat, pbc = structure_arrays(structure)
@@ -256,8 +258,6 @@ def build_graph(
             import warnings
 
             warnings.warn(msg, stacklevel=2)
-        elif on_isolated_atoms != "ignore":
-            raise ValueError(f"on_isolated_atoms must be 'error', 'warn' or 'ignore', got {on_isolated_atoms!r}")
 
     # --- bond graph: ordered pairs of distinct short directed bonds leaving the same atom ------
     short = (dist < bond_cutoff) & (und >= 0)

@@ -51,6 +51,7 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    trust_checkpoint: bool = False,
 ) -> CHGNet:
     """Load a model.
 
@@ -59,7 +60,10 @@ def load_model(
             also ``"0.2.0"`` and ``"r2scan"``), or the path of a CHGNet ``.pth.tar`` or of a
             fastchgnet checkpoint (see :func:`save_checkpoint`).
         device: where to put the model (default: CPU).
-        dtype: parameter dtype, e.g. ``torch.float64`` (default float32).
+        dtype: parameter dtype, e.g. ``torch.float64`` (default: the checkpoint's dtype; float32
+            for the CHGNet weights).
+        trust_checkpoint: allow a full unpickle (``weights_only=False``) of a file that stores
+            Python objects besides tensors. Only for files you trust: unpickling can run code.
     """
     key = str(model)
     if key in PRETRAINED and not Path(key).exists():
@@ -72,7 +76,7 @@ def load_model(
             raise FileNotFoundError(
                 f"{key!r} is neither a pretrained model name {PRETRAINED} nor an existing file"
             )
-    ckpt = _torch_load(path)
+    ckpt = _torch_load(path, trusted=trust_checkpoint)
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT_NAME:
         net = _from_ours(ckpt, path)
     elif isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and "model_args" in ckpt["model"]:
@@ -93,11 +97,23 @@ def load_model(
     return net.eval()
 
 
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: Path, trusted: bool = False) -> Any:
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs).
+
+    ``trusted=True`` allows a full unpickle for files that hold other Python objects; only use it
+    for files you trust.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # CHGNet checkpoints hold optimizer/trainer objects: trusted files only
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=not trusted)
+    except Exception as exc:  # torch raises several types for unreadable or unsafe files
+        hint = "" if trusted else (
+            " If this is a checkpoint you trust that stores other Python objects, pass "
+            "trust_checkpoint=True."
+        )
+        raise ValueError(
+            f"{path} could not be read as a torch checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}).{hint}"
+        ) from exc
 
 
 def _from_ours(ckpt: dict, path: Path) -> CHGNet:
@@ -110,6 +126,9 @@ def _from_ours(ckpt: dict, path: Path) -> CHGNet:
     net = MODEL_TYPES[mtype](CHGNetConfig.from_dict(ckpt["config"]))
     net.load_state_dict(ckpt["state_dict"])
     net.version = ckpt.get("version")
+    saved = ckpt.get("dtype")
+    if isinstance(saved, str) and saved.startswith("torch.") and hasattr(torch, saved[6:]):
+        net = net.to(getattr(torch, saved[6:]))
     return net
 
 
@@ -124,6 +143,7 @@ def save_checkpoint(model: CHGNet, path: str | os.PathLike, **extra: Any) -> Pat
         "config": model.config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "version": getattr(model, "version", None),
+        "dtype": str(next(model.parameters()).dtype),
         **extra,
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")

@@ -1,0 +1,82 @@
+"""Importing (and using) fastchgnet leaves torch's global state alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+STATE_SNIPPET = textwrap.dedent("""
+    import json, torch
+
+    def state():
+        return {
+            "default_dtype": str(torch.get_default_dtype()),
+            "num_threads": torch.get_num_threads(),
+            "num_interop_threads": torch.get_num_interop_threads(),
+            "grad_enabled": torch.is_grad_enabled(),
+            "inference_mode": torch.is_inference_mode_enabled(),
+            "anomaly": torch.is_anomaly_enabled(),
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "matmul_precision": torch.get_float32_matmul_precision(),
+            "cuda_matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "fp16_reduced": torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+            "bf16_reduced": torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+            "default_device": str(torch.empty(0).device),
+        }
+""")
+
+
+def run_python(code: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", STATE_SNIPPET + textwrap.dedent(code)],
+                         capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_import_does_not_change_torch_state():
+    res = run_python("""
+        before = state()
+        import fastchgnet
+        import fastchgnet.data, fastchgnet.data.prototypes, fastchgnet.model, fastchgnet.nn
+        import fastchgnet.model.weights, fastchgnet.model.predict, fastchgnet.nn.basis
+        import fastchgnet.nn.layers
+        try:
+            import fastchgnet.kernels
+        except ImportError:
+            pass
+        after = state()
+        print(json.dumps({"before": before, "after": after}))
+    """)
+    assert res["before"] == res["after"]
+
+
+def test_loading_and_predicting_does_not_change_torch_state():
+    res = run_python("""
+        before = state()
+        import fastchgnet
+        from fastchgnet.data.prototypes import make
+        m = fastchgnet.load_model("0.3.0")
+        m.predict([make("rocksalt", ["Na", "Cl"]), make("bcc", ["Fe"])], task="efsm")
+        m.predict(make("bcc", ["Fe"]), task="e")
+        m64 = fastchgnet.load_model("0.3.0", dtype=torch.float64)
+        m64.predict(make("bcc", ["Fe"]), task="efsm")
+        after = state()
+        print(json.dumps({"before": before, "after": after}))
+    """)
+    assert res["before"] == res["after"]
+
+
+def test_in_process_state_unchanged_by_predict(model):
+    from fastchgnet.data.prototypes import make
+
+    before = (torch.get_default_dtype(), torch.get_num_threads(), torch.is_grad_enabled())
+    model.predict(make("rocksalt", ["Na", "Cl"]), task="efsm")
+    with torch.no_grad():
+        model.predict(make("rocksalt", ["Na", "Cl"]), task="efsm")
+        assert not torch.is_grad_enabled()
+    assert (torch.get_default_dtype(), torch.get_num_threads(), torch.is_grad_enabled()) == before
