@@ -40,7 +40,8 @@ def structures_dir() -> Path | None:
     if os.environ.get("FASTCHGNET_BENCH_DATA"):
         candidates.append(Path(os.environ["FASTCHGNET_BENCH_DATA"]))
     root = Path(__file__).resolve().parents[1]
-    candidates += [root.parent / "shared" / "data" / "structures", Path.cwd() / "shared" / "data" / "structures"]
+    for base in (root.parent, Path.cwd(), Path.cwd().parent):
+        candidates.append(base / "shared" / "data" / "structures")
     for c in candidates:
         if (c / _CIF_LIMNO2).is_file() and (c / _CIF_LICOO).is_file():
             return c
@@ -92,11 +93,12 @@ def bench_structures(n_batch: int = 16) -> BenchStructures:
 
     from fastchgnet.data.prototypes import make, random_structures
 
-    small = make("rocksalt", ["Li", "O"], supercell=(1, 1, 1))  # 8 atoms (conventional cell)
+    small = make("rocksalt", ["Mg", "O"])  # 8 atoms (conventional cell)
     medium = make("layered", ["Li", "Co", "O"], supercell=(1, 1, 1), rattle=0.02, seed=3)
     medium = medium * (2, 1, 1) if len(medium) < 20 else medium  # 24 atoms
     large = make("layered", ["Li", "Co", "O"], supercell=(6, 6, 2), rattle=0.02, seed=4)  # 864
-    batch = random_structures(n_batch, seed=0, max_atoms=32)
+    pool = random_structures(8 * n_batch, seed=0, max_atoms=32)
+    batch = [s for s in pool if len(s) >= 8][:n_batch]
     names = (small.composition.reduced_formula, medium.composition.reduced_formula,
              f"{medium.composition.reduced_formula} {len(large)} atoms")
     return BenchStructures(small, medium, large, batch, "prototypes", names)
@@ -266,6 +268,27 @@ def count_cuda_kernels(fn: Callable[[], Any], device: str) -> int | None:
     return n
 
 
+def synced(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
+    """``fn`` followed by a device synchronisation (for timers that do not sync, e.g.
+    pytest-benchmark's)."""
+    if not device.startswith("cuda"):
+        return fn
+
+    def run() -> Any:
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def device_stats(fn: Callable[[], Any], device: str) -> dict[str, Any]:
+    """Peak CUDA memory (MiB) and CUDA kernels of one call of ``fn``; empty off CUDA."""
+    if not device.startswith("cuda"):
+        return {}
+    return {"peak_mib": peak_memory_mib(fn, device), "cuda_kernels": count_cuda_kernels(fn, device)}
+
+
 # ----------------------------------------------------------------------------------------------
 # the benchmark
 
@@ -279,6 +302,21 @@ class _Case:
     ours: Callable[[], Any]
     ref: Callable[[], Any] | None
     extra: dict
+
+
+def load_our_model(device: str) -> tuple[Any, str]:
+    """(model, weights): the CHGNet 0.3.0 weights, or — when they cannot be found (they ship
+    with the ``chgnet`` package) — the same architecture with random weights, which runs exactly
+    as fast."""
+    import fastchgnet
+
+    try:
+        return fastchgnet.load_model("0.3.0", device=device), "0.3.0"
+    except FileNotFoundError:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = fastchgnet.CHGNet()
+        return model.to(device).eval(), "random-init (0.3.0 weights not found)"
 
 
 def load_reference(device: str) -> Any | None:
@@ -327,6 +365,8 @@ def _cases(device: str, quick: bool, model: Any, ref: Any | None, conv: Any | No
                 rg = conv(s)
             extra["ref_directed_bonds"] = int(rg.atom_graph.shape[0])
             extra["ref_angles"] = int(rg.bond_graph.shape[0])
+            extra["same_graph_size"] = (extra["ref_directed_bonds"] == extra["directed_bonds"]
+                                        and extra["ref_angles"] == extra["angles"])
         cases.append(_Case(name, "graph", 1, len(s), (lambda s=s: build_graph(s)),
                            (lambda s=s: conv(s)) if conv is not None else None, extra))
 
@@ -361,6 +401,7 @@ def run_bench(
     quick: bool = False,
     *,
     reference: bool = True,
+    threads: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Run all cases; one dict per case (see the module docstring).
@@ -371,16 +412,24 @@ def run_bench(
         warmup: untimed calls per implementation and case first.
         quick: fewer repeats (at most 2) and no single-structure prediction cases.
         reference: also time the reference ``chgnet`` when it is installed.
+        threads: torch intra-op threads for the run (restored afterwards); None keeps the current
+            setting. On a shared machine 1 thread is far less noisy than oversubscribed threads.
         progress: called with each case's name before it runs (e.g. ``print``).
     """
-    import fastchgnet
-
     device = resolve_device(device)
+    if threads is not None:
+        old = torch.get_num_threads()
+        torch.set_num_threads(int(threads))
+        try:
+            return run_bench(device, repeats, warmup, quick, reference=reference, threads=None,
+                             progress=progress)
+        finally:
+            torch.set_num_threads(old)
     if quick:
         repeats = min(repeats, 2)
     repeats = max(1, int(repeats))
     warmup = max(0, int(warmup))
-    model = fastchgnet.load_model("0.3.0", device=device)
+    model, weights = load_our_model(device)
     ref = load_reference(device) if reference else None
     conv = reference_converter() if reference else None
     structs = bench_structures()
@@ -404,11 +453,15 @@ def run_bench(
             "ours_ms": ours_ms,
             "ref_ms": ref_ms,
             "ratio": (ref_ms / ours_ms) if ref_ms is not None and ours_ms > 0 else None,
+            "ours_min_ms": min(times["ours"]),
+            "ref_min_ms": min(times["ref"]) if "ref" in times else None,
             "ours_ms_all": times["ours"],
             "ref_ms_all": times.get("ref"),
             "repeats": repeats,
             "warmup": warmup,
             "structures": structs.source,
+            "weights": weights,
+            "torch_threads": torch.get_num_threads(),
             **case.extra,
         }
         if device.startswith("cuda"):
@@ -466,10 +519,13 @@ def format_environment(env: dict) -> str:
 
 
 def main_bench(device: str = "auto", repeats: int = 5, warmup: int = 1, quick: bool = False,
-               json_path: str | None = None, stream: Any = None) -> list[dict]:
+               json_path: str | None = None, threads: int | None = None,
+               stream: Any = None) -> list[dict]:
     """Run, print the table (and environment), optionally save ``{environment, rows}`` as JSON."""
     stream = stream or sys.stdout
     device = resolve_device(device)
+    if threads is not None:
+        torch.set_num_threads(int(threads))  # a command-line run: the process is ours
     env = environment(device)
     print(f"# {format_environment(env)}", file=stream, flush=True)
     t0 = time.perf_counter()
@@ -488,7 +544,8 @@ def main_bench(device: str = "auto", repeats: int = 5, warmup: int = 1, quick: b
 
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"environment": env, "settings": {"repeats": repeats, "warmup": warmup, "quick": quick},
+        payload = {"environment": env,
+                   "settings": {"repeats": repeats, "warmup": warmup, "quick": quick, "threads": threads},
                    "wall_s": wall, "rows": rows}
         path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
         print(f"# saved {path}", file=stream)

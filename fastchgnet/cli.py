@@ -126,6 +126,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed calls per case [%(default)s]")
     p.add_argument("--warmup", type=int, default=1, help="warm-up calls per case [%(default)s]")
     p.add_argument("--quick", action="store_true", help="fewer repeats and cases")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's own setting)")
     p.add_argument("--json", metavar="PATH", help="save the environment and rows as JSON")
     p.set_defaults(func=_run_bench)
 
@@ -134,7 +136,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     from fastchgnet.bench import main_bench
 
     main_bench(device=args.device, repeats=args.repeats, warmup=args.warmup, quick=args.quick,
-               json_path=args.json)
+               json_path=args.json, threads=args.threads)
     return 0
 
 

@@ -1,0 +1,132 @@
+"""Fixtures of the fastchgnet benchmarks (pytest-benchmark), ours vs the reference chgnet.
+
+Run with ``python -m pytest benchmarks --benchmark-only`` (see README.md). The device comes from
+``FASTCHGNET_BENCH_DEVICE`` (``cpu`` by default; ``cuda`` when set and a GPU is available);
+``FASTCHGNET_BENCH_THREADS`` sets the torch intra-op threads.
+
+Every case is parametrised by ``impl`` (``chgnet``, ``ours``) and both tests of a case share a
+benchmark group, so they are listed side by side. The ratio ``chgnet median / ours median`` is put
+into the ``extra_info`` of both as soon as both have run (see :class:`RatioBook`), and printed in
+a summary table at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import pytest
+import torch
+
+from fastchgnet.bench import bench_structures, load_our_model, load_reference, reference_converter
+
+def _bench_device() -> str:
+    want = os.environ.get("FASTCHGNET_BENCH_DEVICE", "cpu").strip().lower() or "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn(f"FASTCHGNET_BENCH_DEVICE={want} but CUDA is not available: using cpu", stacklevel=1)
+        return "cpu"
+    return want if want.startswith("cuda") else "cpu"
+
+
+DEVICE = _bench_device()
+# FASTCHGNET_BENCH_THREADS: torch intra-op threads for the run (default: torch's own setting)
+if os.environ.get("FASTCHGNET_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["FASTCHGNET_BENCH_THREADS"]))
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    from fastchgnet.bench import environment, format_environment
+
+    return [f"fastchgnet benchmarks: {format_environment(environment(DEVICE))}"]
+
+
+# ----------------------------------------------------------------------------------------------
+# ratios
+
+
+class RatioBook:
+    """Medians per (group, impl); fills ``ratio`` in both tests' ``extra_info`` once both ran."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, dict[str, tuple[float, dict]]] = {}
+
+    def record(self, benchmark: Any, impl: str) -> None:
+        stats = getattr(benchmark, "stats", None)
+        if stats is None:  # benchmarks disabled (--benchmark-disable): nothing measured
+            return
+        median = float(stats.stats.median)
+        info = benchmark.extra_info
+        info["impl"] = impl
+        info["median_ms"] = median * 1e3
+        group = benchmark.group or benchmark.name
+        book = self.entries.setdefault(group, {})
+        book[impl] = (median, info)
+        if "chgnet" in book and "ours" in book:
+            ratio = book["chgnet"][0] / book["ours"][0]
+            for _, extra in book.values():
+                extra["ratio"] = ratio  # chgnet / ours: > 1 means fastchgnet is faster
+
+    def summary(self) -> list[str]:
+        lines = []
+        for group, book in self.entries.items():
+            ours = book.get("ours", (None, {}))[0]
+            ref = book.get("chgnet", (None, {}))[0]
+            ratio = f"{ref / ours:8.2f}x" if ours and ref else "     n/a"
+            fmt = (lambda v: f"{v * 1e3:10.2f}" if v is not None else "       n/a")
+            lines.append(f"{group:<34s} {fmt(ours)} {fmt(ref)} {ratio}")
+        if lines:
+            lines.insert(0, f"{'group':<34s} {'ours ms':>10s} {'chgnet ms':>10s} {'ratio':>9s}")
+        return lines
+
+
+_BOOK = RatioBook()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    lines = _BOOK.summary()
+    if lines:
+        terminalreporter.section(f"fastchgnet vs chgnet (median, device {DEVICE}, ratio = chgnet/ours)")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def ratio_book() -> RatioBook:
+    return _BOOK
+
+
+# ----------------------------------------------------------------------------------------------
+# devices, structures, models
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    return DEVICE
+
+
+@pytest.fixture(scope="session")
+def structures():
+    """:class:`fastchgnet.bench.BenchStructures` (shared CIFs, else built-in prototypes)."""
+    return bench_structures()
+
+
+@pytest.fixture(scope="session")
+def our_model(device: str):
+    return load_our_model(device)[0]
+
+
+@pytest.fixture(scope="session")
+def ref_model(device: str):
+    ref = load_reference(device)
+    if ref is None:
+        pytest.skip("chgnet is not installed")
+    return ref
+
+
+@pytest.fixture(scope="session")
+def ref_converter():
+    conv = reference_converter()
+    if conv is None:
+        pytest.skip("chgnet is not installed")
+    return conv
