@@ -91,8 +91,10 @@ class CHGNet(nn.Module):
 
     def bond_vectors(self, batch: Batch) -> Tensor:
         """(n_bonds, 3) vectors ``x_src - x_dst - image @ lattice`` of the undirected bonds."""
-        shift = torch.bmm(batch.bond_image.unsqueeze(1), batch.lattice[batch.bond_graph]).squeeze(1)
-        return batch.positions[batch.bond_src] - batch.positions[batch.bond_dst] - shift
+        lat = batch.lattice.index_select(0, batch.bond_graph)
+        shift = torch.bmm(batch.bond_image.unsqueeze(1), lat).squeeze(1)
+        pos = batch.positions
+        return pos.index_select(0, batch.bond_src) - pos.index_select(0, batch.bond_dst) - shift
 
     def forward(
         self,
@@ -138,7 +140,7 @@ class CHGNet(nn.Module):
         n_atoms = batch.n_atoms.to(energy.dtype)
         e = energy / n_atoms if self.config.is_intensive else energy
         if self.atom_ref is not None:
-            ref = self.atom_ref[batch.atomic_numbers - 1]
+            ref = self.atom_ref.index_select(0, batch.atomic_numbers - 1)
             comp = ref.new_zeros(batch.num_graphs).index_add(0, batch.atom_graph, ref)
             e = e + (comp / n_atoms if self.config.is_intensive else comp)
             if return_site_energies:
@@ -152,26 +154,26 @@ class CHGNet(nn.Module):
         src, dst = batch.bond_src, batch.bond_dst
         center, b1, b2 = batch.angle_center, batch.angle_bond1, batch.angle_bond2
         src_dir = torch.cat([src, dst])  # centre atom of each directed bond
+        dst_dir = torch.cat([dst, src])  # its neighbour
 
         # --- bases of the whole batch in one pass -------------------------------------------
         length = torch.linalg.vector_norm(vec, dim=1)
         unit = vec / length[:, None]
         rbf_ag = self.rbf_ag(length)
         rbf_bg = self.rbf_bg(length)
-        cos = (unit[b1] * unit[b2]).sum(dim=1) * batch.angle_sign
+        cos = (unit.index_select(0, b1) * unit.index_select(0, b2)).sum(dim=1) * batch.angle_sign
         abasis = self.angle_basis(cos)
 
         # --- embeddings -----------------------------------------------------------------------
         atom = self.atom_embedding(batch.atomic_numbers - 1)
-        be = self.bond_embed_ag(rbf_ag)
-        bond, bw_ag = be[:, : c.bond_fea_dim], be[:, c.bond_fea_dim :]
+        bond, bw_ag = self.bond_embed_ag(rbf_ag).split([c.bond_fea_dim, c.atom_fea_dim], dim=1)
         bw_bg = self.bond_weights_bg(rbf_bg)
         angle = self.angle_embedding(abasis)
 
         out: dict[str, Tensor] = {}
         n_blocks = c.n_conv - 1
         for i in range(n_blocks):
-            atom = self.atom_convs[i](atom, bond, bw_ag, src, dst, src_dir)
+            atom = self.atom_convs[i](atom, bond, bw_ag, src_dir, dst_dir)
             if c.update_bond:
                 new_bond = self.bond_convs[i](atom, bond, bw_bg, angle, center, b1, b2)
             else:
@@ -187,7 +189,7 @@ class CHGNet(nn.Module):
                     out["m"] = self.site_wise(atom).abs().squeeze(1)
         if n_blocks == 0 and want_m:
             out["m"] = self.site_wise(atom).abs().squeeze(1)
-        atom = self.atom_convs[-1](atom, bond, bw_ag, src, dst, src_dir)
+        atom = self.atom_convs[-1](atom, bond, bw_ag, src_dir, dst_dir)
         if self.readout_norm is not None:
             atom = self.readout_norm(atom)
         site = self.readout(atom).squeeze(1)

@@ -56,12 +56,13 @@ class GatedTail(nn.Module):
 
     def forward(self, pre: Tensor) -> Tensor:
         w = self.width
+        # split (not two slices): its backward is one concatenation, not two zero-filled copies
         if self.hidden > 0:
-            h = F.silu(pre)
-            core = self.core2(h[:, :w])
-            gate = self.gate2(h[:, w:])
+            h_core, h_gate = F.silu(pre).split(w, dim=1)
+            core = self.core2(h_core)
+            gate = self.gate2(h_gate)
         else:
-            core, gate = pre[:, :w], pre[:, w:]
+            core, gate = pre.split(w, dim=1)
         return gated_epilogue(core, gate, self.norm_core, self.norm_gate)
 
 
@@ -83,15 +84,16 @@ class AtomConv(nn.Module):
         for p in (self.w_atom, self.w_bond):
             nn.init.uniform_(p, -fan_in ** -0.5, fan_in ** -0.5)
 
-    def forward(self, atom: Tensor, bond: Tensor, bond_weight: Tensor, src: Tensor, dst: Tensor,
-                src_dir: Tensor) -> Tensor:
-        """``src``/``dst``: (n_bonds,) undirected bonds; ``src_dir = cat(src, dst)`` is the centre
-        atom of every directed bond (the undirected ones, then their reverses)."""
+    def forward(self, atom: Tensor, bond: Tensor, bond_weight: Tensor, src_dir: Tensor,
+                dst_dir: Tensor) -> Tensor:
+        """``src_dir``/``dst_dir``: (2 n_bonds,) centre and neighbour atom of every directed bond,
+        the undirected bonds first, then their reverses (``cat(src, dst)``, ``cat(dst, src)``)."""
         w2 = 2 * self.tail.width
-        p = atom @ self.w_atom.t()  # (n_atoms, 4w): centre and neighbour parts, core and gate
-        q = torch.addmm(self.bias, bond, self.w_bond.t())  # (n_bonds, 2w)
-        ps, pd = p[src], p[dst]
-        pre = torch.cat([ps[:, :w2] + pd[:, w2:] + q, pd[:, :w2] + ps[:, w2:] + q], dim=0)
+        # (n_atoms, 4w): centre and neighbour parts, core and gate
+        p_center, p_nbr = (atom @ self.w_atom.t()).split(w2, dim=1)
+        q = torch.addmm(self.bias, bond, self.w_bond.t())  # (n_bonds, 2w), shared by both directions
+        pre = p_center.index_select(0, src_dir) + p_nbr.index_select(0, dst_dir)
+        pre = (pre.view(2, -1, w2) + q).view(-1, w2)
         msg = self.tail(pre).view(2, -1, atom.shape[1]) * bond_weight
         new = atom.new_zeros(atom.shape).index_add_(0, src_dir, msg.view(-1, atom.shape[1]))
         return self.mlp_out(new) + atom
@@ -119,15 +121,18 @@ class BondConv(nn.Module):
               b2: Tensor) -> Tensor:
         """GatedMLP of ``[bond[b1], bond[b2], angle, atom[center]]`` per angle."""
         w2 = 2 * self.tail.width
-        pb = bond @ self.w_bond.t()
+        pb1, pb2 = (bond @ self.w_bond.t()).split(w2, dim=1)
         pa = atom @ self.w_atom.t()
         pre = torch.addmm(self.bias, angle, self.w_angle.t())
-        pre = pre + pb[b1, :w2] + pb[b2, w2:] + pa[center]
+        # in place is safe: additions keep nothing for backward, addmm keeps only its inputs
+        pre.add_(pb1.index_select(0, b1)).add_(pb2.index_select(0, b2))
+        pre.add_(pa.index_select(0, center))
         return self.tail(pre)
 
     def forward(self, atom: Tensor, bond: Tensor, bond_weight: Tensor, angle: Tensor,
                 center: Tensor, b1: Tensor, b2: Tensor) -> Tensor:
-        upd = self.gated(atom, bond, angle, center, b1, b2) * (bond_weight[b1] * bond_weight[b2])
+        weight = bond_weight.index_select(0, b1) * bond_weight.index_select(0, b2)
+        upd = self.gated(atom, bond, angle, center, b1, b2) * weight
         new = bond.new_zeros(bond.shape).index_add_(0, b1, upd)
         return self.mlp_out(new) + bond
 
