@@ -36,17 +36,18 @@ def _radius(el: str) -> float:
 
 
 def _scaled(s: Structure) -> Structure:
-    """Scale the lattice so that the shortest distance equals the sum of the pair's radii."""
-    nn = s.get_neighbor_list(r=8.0)  # includes periodic self-images
-    if len(nn[0]) == 0:
+    """Scale the lattice so that no pair is closer than the sum of its two atomic radii.
+
+    The tightest pair (smallest distance / radius sum) ends at exactly its radius sum; this puts
+    common crystals within a few percent of their experimental volumes (Si, NaCl, MgO, GaN, TiO2).
+    """
+    src, dst, _, d = s.get_neighbor_list(r=8.0)  # includes periodic self-images
+    if len(d) == 0:
         return s
-    d = nn[3]
-    k = int(np.argmin(d))
-    a, b = s[int(nn[0][k])].specie.symbol, s[int(nn[1][k])].specie.symbol
-    target = 0.95 * (_radius(a) + _radius(b))
-    factor = target / float(d[k])
+    radii = np.array([_radius(sp.symbol) for sp in s.species])
+    ratio = float(np.min(d / (radii[src] + radii[dst])))
     s = s.copy()
-    s.scale_lattice(s.volume * factor**3)
+    s.scale_lattice(s.volume / ratio**3)
     return s
 
 
