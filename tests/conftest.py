@@ -63,7 +63,7 @@ def cif_structures(shared_data):
 def _parity_set() -> tuple[list, list[str]]:
     """Varied structures for the parity tests.
 
-    * 18 random crystals (random prototype, random elements, random symmetric strain up to 4 %,
+    * 18 random crystals (seed 15: random prototype, random elements, random symmetric strain up to 4 %,
       0.05 Å rattle, random supercells up to 24 atoms);
     * a 1-atom cell, a 64-atom cell with zero angles (CsI: no pair closer than 3 Å), and a few
       hand-made strained/rattled crystals that add elements;
@@ -77,7 +77,7 @@ def _parity_set() -> tuple[list, list[str]]:
     """
     from pymatgen.core import Structure
 
-    structs = list(random_structures(18, seed=5, max_atoms=24))
+    structs = list(random_structures(18, seed=15, max_atoms=24))
     ids = [f"random-{i}-{s.composition.reduced_formula}" for i, s in enumerate(structs)]
     extra = {
         "one-atom-Mo": make("simple_cubic", ["Mo"], strain=0.02),
@@ -118,10 +118,9 @@ def ill_conditioned_structures():
     """Random crystals whose float32 predictions (reference and ours alike) carry rounding errors
     at or above the float32 tolerances: used only in the float64 exactness test."""
     picks = []
-    s3 = random_structures(17, seed=3, max_atoms=24)
-    picks += [s3[7], s3[12]]  # compressed Sn (diamond), LaCoSb3 perovskite
-    s9 = random_structures(16, seed=9, max_atoms=24)
-    picks += [s9[3]]
+    # chgnet's own float32 force error on these is 2.1e-4 and 2.9e-4 eV/Å (above the tolerance)
+    picks.append(random_structures(18, seed=5, max_atoms=24)[8])  # YNbTe3 perovskite
+    picks.append(random_structures(18, seed=6, max_atoms=24)[9])  # CoPbCl3 perovskite
     return picks
 
 
