@@ -6,8 +6,17 @@ slow reference runs exactly once per session.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
+
+# Triton kernels run on the CPU through the interpreter; it must be chosen before any kernel module
+# is imported. With a GPU the kernels are compiled for it instead.
+if os.environ.get("TRITON_INTERPRET") is None:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 import numpy as np
 import pytest
