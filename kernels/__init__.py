@@ -21,7 +21,8 @@ import os
 
 from torch import Tensor
 
-__all__ = ["backend", "has_triton", "interpreting", "use_triton"]
+__all__ = ["angle_basis", "backend", "gated_epilogue", "has_triton", "interpreting", "radial_bases",
+           "use_triton"]
 
 _VALID = ("auto", "triton", "torch")
 
@@ -59,3 +60,43 @@ def use_triton(x: Tensor) -> bool:
             "fastchgnet's kernels are first imported"
         )
     return True
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused ops: Triton when use_triton(), else the reference in fastchgnet.nn.functional
+
+
+def radial_bases(r: Tensor, freq_a: Tensor, freq_b: Tensor, cutoff_a: float, cutoff_b: float,
+                 p: int) -> tuple[Tensor, Tensor]:
+    """Both smooth radial Bessel bases of the bond lengths ``r`` (see nn.functional)."""
+    if use_triton(r):
+        from fastchgnet.kernels.radial import radial_bases as fused
+
+        return fused(r, freq_a, freq_b, cutoff_a, cutoff_b, p)
+    from fastchgnet.nn.functional import radial_bases as ref
+
+    return ref(r, freq_a, freq_b, cutoff_a, cutoff_b, p)
+
+
+def angle_basis(unit: Tensor, b1: Tensor, b2: Tensor, sign: Tensor, freq: Tensor) -> Tensor:
+    """Fourier basis of the angles between bond pairs (see nn.functional)."""
+    if use_triton(unit):
+        from fastchgnet.kernels.angle import angle_basis as fused
+
+        return fused(unit, b1, b2, sign, freq)
+    from fastchgnet.nn.functional import angle_basis as ref
+
+    return ref(unit, b1, b2, sign, freq)
+
+
+def gated_epilogue(core: Tensor, gate: Tensor, w_core: Tensor | None, b_core: Tensor | None,
+                   w_gate: Tensor | None, b_gate: Tensor | None, eps: float = 1e-5,
+                   weight: Tensor | None = None) -> Tensor:
+    """``silu(LN(core)) * sigmoid(LN(gate)) [* weight]`` (see nn.functional)."""
+    if w_core is not None and use_triton(core):
+        from fastchgnet.kernels.gated import gated_epilogue as fused
+
+        return fused(core, gate, w_core, b_core, w_gate, b_gate, eps, weight)
+    from fastchgnet.nn.functional import gated_epilogue as ref
+
+    return ref(core, gate, w_core, b_core, w_gate, b_gate, eps, weight)

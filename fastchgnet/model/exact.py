@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import fastchgnet.kernels as kernels
 from fastchgnet.data.batch import Batch
 from fastchgnet.model.config import CHGNetConfig
 from fastchgnet.nn.basis import FourierAngle, RadialBessel
@@ -88,6 +89,14 @@ class CHGNet(nn.Module):
     @property
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def radial_bases(self, length: Tensor) -> tuple[Tensor, Tensor]:
+        """Both radial bases (6 Å and 3 Å) of the bond lengths, fused in one pass when possible."""
+        a, b = self.rbf_ag, self.rbf_bg
+        if a.envelope_p == b.envelope_p:
+            return kernels.radial_bases(length, a.frequencies, b.frequencies, a.cutoff, b.cutoff,
+                                        a.envelope_p)
+        return a(length), b(length)
 
     def bond_vectors(self, batch: Batch) -> Tensor:
         """(n_bonds, 3) vectors ``x_src - x_dst - image @ lattice`` of the undirected bonds."""
@@ -159,10 +168,8 @@ class CHGNet(nn.Module):
         # --- bases of the whole batch in one pass -------------------------------------------
         length = torch.linalg.vector_norm(vec, dim=1)
         unit = vec / length[:, None]
-        rbf_ag = self.rbf_ag(length)
-        rbf_bg = self.rbf_bg(length)
-        cos = (unit.index_select(0, b1) * unit.index_select(0, b2)).sum(dim=1) * batch.angle_sign
-        abasis = self.angle_basis(cos)
+        rbf_ag, rbf_bg = self.radial_bases(length)
+        abasis = self.angle_basis(unit, b1, b2, batch.angle_sign)
 
         # --- embeddings -----------------------------------------------------------------------
         atom = self.atom_embedding(batch.atomic_numbers - 1)

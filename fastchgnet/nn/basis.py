@@ -1,4 +1,7 @@
-"""Radial and angular bases of CHGNet (plain torch; the reference for the Triton kernels).
+"""Radial and angular bases of CHGNet as modules holding the learnable frequencies.
+
+The mathematics lives in :mod:`fastchgnet.nn.functional` (the plain-torch reference) and the
+fused Triton kernels are chosen by :mod:`fastchgnet.kernels`.
 
 * Smooth radial Bessel basis: ``sqrt(2/rc) * sin(w_k r / rc) / r * envelope(r / rc)`` with learnable
   frequencies ``w_k`` (initialised at ``k * pi``), for the 6 Å and the 3 Å cutoffs.
@@ -16,14 +19,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-
-def envelope(x: Tensor, p: int) -> Tensor:
-    """Polynomial cutoff envelope at scaled distance ``x = r / rc`` (zero for x >= 1)."""
-    a = -(p + 1) * (p + 2) / 2
-    b = float(p * (p + 2))
-    c = -p * (p + 1) / 2
-    val = 1 + x.pow(p) * (a + x * (b + c * x))
-    return torch.where(x < 1, val, torch.zeros_like(x))
+import fastchgnet.kernels as kernels
+from fastchgnet.nn import functional as F
 
 
 class RadialBessel(nn.Module):
@@ -42,14 +39,7 @@ class RadialBessel(nn.Module):
             self.register_buffer("frequencies", freq)
 
     def forward(self, r: Tensor) -> Tensor:
-        x = (r / self.cutoff)[:, None]
-        norm = math.sqrt(2.0 / self.cutoff)
-        basis = torch.sin(self.frequencies * x) / r[:, None]
-        if self.envelope_p:
-            basis = basis * (norm * envelope(x, self.envelope_p))
-        else:
-            basis = basis * norm
-        return basis
+        return F.radial_basis(r, self.frequencies, self.cutoff, self.envelope_p)
 
     def extra_repr(self) -> str:
         return f"num_radial={self.num_radial}, cutoff={self.cutoff}, envelope_p={self.envelope_p}"
@@ -69,9 +59,6 @@ class FourierAngle(nn.Module):
         else:
             self.register_buffer("frequencies", freq)
 
-    def forward(self, cos: Tensor) -> Tensor:
-        theta = torch.acos(cos * (1 - 1e-6))
-        arg = theta[:, None] * self.frequencies
-        inv = 1.0 / math.sqrt(math.pi)
-        const = torch.full_like(theta[:, None], inv / math.sqrt(2.0))
-        return torch.cat([const, torch.sin(arg) * inv, torch.cos(arg) * inv], dim=1)
+    def forward(self, unit: Tensor, b1: Tensor, b2: Tensor, sign: Tensor) -> Tensor:
+        """Basis of the angles between legs ``b1`` and ``b2`` of the unit bond vectors ``unit``."""
+        return kernels.angle_basis(unit, b1, b2, sign, self.frequencies)

@@ -77,5 +77,8 @@ def gated_epilogue(core: Tensor, gate: Tensor, w_core: Tensor | None, b_core: Te
     out = F.silu(core) * torch.sigmoid(gate)
     if weight is not None:
         m = weight.shape[0]
-        out = (out.view(-1, m, out.shape[-1]) * weight).view(out.shape)
+        if m == out.shape[0] or m == 0:  # m == 0 only with n == 0 (a batch without bonds)
+            out = out * weight if m else out
+        else:
+            out = (out.view(-1, m, out.shape[-1]) * weight).view(out.shape)
     return out

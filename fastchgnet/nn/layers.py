@@ -17,18 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def gated_epilogue(
-    core: Tensor,
-    gate: Tensor,
-    norm_core: nn.LayerNorm | None,
-    norm_gate: nn.LayerNorm | None,
-) -> Tensor:
-    """``silu(LN(core)) * sigmoid(LN(gate))`` — the GatedMLP output (one dispatch point)."""
-    if norm_core is not None:
-        core = F.layer_norm(core, norm_core.normalized_shape, norm_core.weight, norm_core.bias, norm_core.eps)
-        gate = F.layer_norm(gate, norm_gate.normalized_shape, norm_gate.weight, norm_gate.bias, norm_gate.eps)
-    return F.silu(core) * torch.sigmoid(gate)
+import fastchgnet.kernels as kernels
 
 
 class GatedTail(nn.Module):
@@ -54,7 +43,8 @@ class GatedTail(nn.Module):
         """Width of each half of the first layer's output."""
         return self.hidden if self.hidden > 0 else self.out_dim
 
-    def forward(self, pre: Tensor) -> Tensor:
+    def forward(self, pre: Tensor, weight: Tensor | None = None) -> Tensor:
+        """``weight`` (m, out) multiplies output row ``i`` by ``weight[i % m]`` (fused)."""
         w = self.width
         # split (not two slices): its backward is one concatenation, not two zero-filled copies
         if self.hidden > 0:
@@ -63,7 +53,10 @@ class GatedTail(nn.Module):
             gate = self.gate2(h_gate)
         else:
             core, gate = pre.split(w, dim=1)
-        return gated_epilogue(core, gate, self.norm_core, self.norm_gate)
+        nc, ng = self.norm_core, self.norm_gate
+        if nc is None:
+            return kernels.gated_epilogue(core, gate, None, None, None, None, 1e-5, weight)
+        return kernels.gated_epilogue(core, gate, nc.weight, nc.bias, ng.weight, ng.bias, nc.eps, weight)
 
 
 class AtomConv(nn.Module):
@@ -94,8 +87,8 @@ class AtomConv(nn.Module):
         q = torch.addmm(self.bias, bond, self.w_bond.t())  # (n_bonds, 2w), shared by both directions
         pre = p_center.index_select(0, src_dir) + p_nbr.index_select(0, dst_dir)
         pre = (pre.view(2, -1, w2) + q).view(-1, w2)
-        msg = self.tail(pre).view(2, -1, atom.shape[1]) * bond_weight
-        new = atom.new_zeros(atom.shape).index_add_(0, src_dir, msg.view(-1, atom.shape[1]))
+        msg = self.tail(pre, bond_weight)  # both directions share their bond's weight row
+        new = atom.new_zeros(atom.shape).index_add_(0, src_dir, msg)
         return self.mlp_out(new) + atom
 
 
@@ -118,7 +111,7 @@ class BondConv(nn.Module):
             nn.init.uniform_(p, -fan_in ** -0.5, fan_in ** -0.5)
 
     def gated(self, atom: Tensor, bond: Tensor, angle: Tensor, center: Tensor, b1: Tensor,
-              b2: Tensor) -> Tensor:
+              b2: Tensor, weight: Tensor | None = None) -> Tensor:
         """GatedMLP of ``[bond[b1], bond[b2], angle, atom[center]]`` per angle."""
         w2 = 2 * self.tail.width
         pb1, pb2 = (bond @ self.w_bond.t()).split(w2, dim=1)
@@ -127,12 +120,12 @@ class BondConv(nn.Module):
         # in place is safe: additions keep nothing for backward, addmm keeps only its inputs
         pre.add_(pb1.index_select(0, b1)).add_(pb2.index_select(0, b2))
         pre.add_(pa.index_select(0, center))
-        return self.tail(pre)
+        return self.tail(pre, weight)
 
     def forward(self, atom: Tensor, bond: Tensor, bond_weight: Tensor, angle: Tensor,
                 center: Tensor, b1: Tensor, b2: Tensor) -> Tensor:
         weight = bond_weight.index_select(0, b1) * bond_weight.index_select(0, b2)
-        upd = self.gated(atom, bond, angle, center, b1, b2) * weight
+        upd = self.gated(atom, bond, angle, center, b1, b2, weight)
         new = bond.new_zeros(bond.shape).index_add_(0, b1, upd)
         return self.mlp_out(new) + bond
 
