@@ -10,10 +10,13 @@ import pytest
 import torch
 
 import fastchgnet
+import fastchgnet.kernels
 from fastchgnet.data.prototypes import make
 
 PKG = Path(fastchgnet.__file__).resolve().parent
-FORWARD_SOURCES = [PKG / "model" / "exact.py", *sorted((PKG / "nn").glob("*.py"))]
+KERNELS = Path(fastchgnet.kernels.__file__).resolve().parent
+FORWARD_SOURCES = [PKG / "model" / "exact.py", *sorted((PKG / "nn").glob("*.py")),
+                   *sorted(KERNELS.glob("*.py"))]
 SYNC_METHODS = {"item", "tolist", "cpu", "numpy"}
 
 
