@@ -1,0 +1,305 @@
+"""On-disk graph cache: graphs built once, in parallel processes, read back memory-mapped.
+
+Layout of one cache (a directory named by the cache key)::
+
+    <root>/<key>/meta.json                 cutoffs, source hash, format version, shard sizes
+    <root>/<key>/shard-00000/<field>.npy   flat arrays of the shard's samples (np.load mmap_mode="r")
+    <root>/<key>/shard-00000/ids.json      sample ids of the shard
+
+Per shard, atoms, bonds and angles of all its samples are concatenated; ``*_ptr`` arrays
+(n_samples + 1) give each sample's slice, with indices local to the sample. The key is a hash of
+the cutoffs, the graph rules' version and the source's content hash, so a changed source or cutoff
+never reads a stale cache. A reader (e.g. one DDP rank) opens the memory maps and touches only the
+slices of the samples it asks for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from fastchgnet.data.graph import CrystalGraph, build_graph
+
+CACHE_FORMAT = 1
+GRAPH_RULES = 1  # bump when the graph construction changes what it produces
+
+# per-sample arrays: name -> (dtype, trailing shape); "atom" fields are sliced by atom_ptr, etc.
+_ATOM_FIELDS = {"atomic_numbers": (np.int16, ()), "positions": (np.float64, (3,)),
+                "forces": (np.float32, (3,)), "magmom": (np.float32, ())}
+_BOND_FIELDS = {"bond_src": (np.int32, ()), "bond_dst": (np.int32, ()),
+                "bond_image": (np.int16, (3,)), "bond_length": (np.float32, ())}
+_ANGLE_FIELDS = {"angle_center": (np.int32, ()), "angle_bond1": (np.int32, ()),
+                 "angle_bond2": (np.int32, ()), "angle_sign1": (np.int8, ()),
+                 "angle_sign2": (np.int8, ())}
+_SAMPLE_FIELDS = {"lattice": (np.float64, (3, 3)), "energy": (np.float64, ()),
+                  "stress": (np.float32, (3, 3)), "has": (np.bool_, (4,))}  # has: e, f, s, m
+
+
+@dataclass
+class CachedSample:
+    """One sample read from the cache: its graph and labels (None where missing)."""
+
+    graph: CrystalGraph
+    energy_per_atom: float | None
+    forces: np.ndarray | None
+    stress: np.ndarray | None
+    magmom: np.ndarray | None
+    id: str
+
+
+def file_hash(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's content (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_key(source_hash: str, atom_cutoff: float, bond_cutoff: float) -> str:
+    spec = json.dumps({"source": source_hash, "atom_cutoff": float(atom_cutoff),
+                       "bond_cutoff": float(bond_cutoff), "rules": GRAPH_RULES,
+                       "format": CACHE_FORMAT}, sort_keys=True)
+    return hashlib.sha256(spec.encode()).hexdigest()[:24]
+
+
+def _label_arrays(sample: Any, n: int) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    e = getattr(sample, "energy_per_atom", None)
+    f = getattr(sample, "forces", None)
+    s = getattr(sample, "stress", None)
+    m = getattr(sample, "magmom", None)
+    has = np.array([e is not None, f is not None, s is not None, m is not None])
+    return (float(e) if e is not None else np.nan,
+            np.zeros((n, 3)) if f is None else np.asarray(f, dtype=np.float64).reshape(n, 3),
+            np.zeros((3, 3)) if s is None else np.asarray(s, dtype=np.float64).reshape(3, 3),
+            np.zeros(n) if m is None else np.asarray(m, dtype=np.float64).reshape(n),
+            has)
+
+
+def _write_shard(args: tuple) -> tuple[int, int]:
+    """Build the graphs of one chunk of samples and write them as a shard (runs in a worker)."""
+    samples, out_dir, atom_cutoff, bond_cutoff, on_isolated = args
+    out_dir = Path(out_dir)
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in
+                                         (*_ATOM_FIELDS, *_BOND_FIELDS, *_ANGLE_FIELDS, *_SAMPLE_FIELDS)}
+    counts = np.zeros((len(samples), 3), dtype=np.int64)
+    ids = []
+    for i, smp in enumerate(samples):
+        sid = str(getattr(smp, "id", i))
+        g = build_graph(smp.structure, atom_cutoff=atom_cutoff, bond_cutoff=bond_cutoff,
+                        graph_id=sid, on_isolated_atoms=on_isolated)
+        e, f, s, m, has = _label_arrays(smp, g.n_atoms)
+        cols["forces"].append(f)
+        cols["magmom"].append(m)
+        for name in ("atomic_numbers", "positions", *_BOND_FIELDS, *_ANGLE_FIELDS):
+            cols[name].append(getattr(g, name))
+        cols["lattice"].append(g.lattice[None])
+        cols["energy"].append(np.array([e]))
+        cols["stress"].append(s[None])
+        cols["has"].append(has[None])
+        counts[i] = (g.n_atoms, g.n_bonds, g.n_angles)
+        ids.append(sid)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
+    for table in (_ATOM_FIELDS, _BOND_FIELDS, _ANGLE_FIELDS, _SAMPLE_FIELDS):
+        for name, (dtype, shape) in table.items():
+            arr = (np.concatenate(cols[name]) if cols[name] else np.zeros((0, *shape)))
+            np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr.astype(dtype).reshape(-1, *shape)))
+    for k, name in enumerate(("atom_ptr", "bond_ptr", "angle_ptr")):
+        np.save(tmp / f"{name}.npy", np.concatenate([[0], np.cumsum(counts[:, k])]).astype(np.int64))
+    (tmp / "ids.json").write_text(json.dumps(ids))
+    os.replace(tmp, out_dir)  # a shard appears whole or not at all
+    return len(samples), int(counts[:, 1].sum())
+
+
+def build_cache(
+    samples: Iterable[Any],
+    root: str | os.PathLike,
+    *,
+    source_hash: str,
+    atom_cutoff: float = 6.0,
+    bond_cutoff: float = 3.0,
+    shard_size: int = 2048,
+    workers: int | None = None,
+    on_isolated_atoms: str = "error",
+    progress: Callable[[int], None] | None = None,
+) -> "GraphCache":
+    """Build (or reuse) the cache of ``samples`` under ``root``; return it opened.
+
+    ``samples`` yields objects with ``structure`` and optional labels ``energy_per_atom``,
+    ``forces``, ``stress`` (GPa), ``magmom`` and an ``id`` (e.g. from
+    :mod:`fastchgnet.data.readers`). Shards are built by ``workers`` processes (default: all CPUs);
+    a shard already on disk (from an interrupted build) is kept. A structure that cannot be
+    converted raises ValueError naming its id.
+    """
+    key = cache_key(source_hash, atom_cutoff, bond_cutoff)
+    path = Path(root) / key
+    if (path / "meta.json").is_file():
+        return GraphCache(path)
+    path.mkdir(parents=True, exist_ok=True)
+    workers = workers or os.cpu_count() or 1
+
+    def jobs() -> Iterable[tuple]:
+        chunk: list[Any] = []
+        k = 0
+        for smp in samples:
+            chunk.append(smp)
+            if len(chunk) >= shard_size:
+                yield (chunk, str(path / f"shard-{k:05d}"), atom_cutoff, bond_cutoff, on_isolated_atoms)
+                chunk, k = [], k + 1
+        if chunk or k == 0:
+            yield (chunk, str(path / f"shard-{k:05d}"), atom_cutoff, bond_cutoff, on_isolated_atoms)
+
+    n_shards = 0
+    todo = []
+    if workers > 1:
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        # at most 2 shards per worker in flight: memory stays bounded for a streamed source
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            for job in jobs():
+                n_shards += 1
+                if Path(job[1]).is_dir():  # kept from an interrupted build
+                    continue
+                todo.append(pool.submit(_write_shard, job))
+                while len(todo) >= 2 * workers:
+                    done, pending = wait(todo, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        n, _ = fut.result()
+                        if progress:
+                            progress(n)
+                    todo = list(pending)
+            for fut in todo:
+                n, _ = fut.result()
+                if progress:
+                    progress(n)
+    else:
+        for job in jobs():
+            n_shards += 1
+            if Path(job[1]).is_dir():
+                continue
+            n, _ = _write_shard(job)
+            if progress:
+                progress(n)
+    sizes = [len(json.loads((path / f"shard-{i:05d}" / "ids.json").read_text()))
+             for i in range(n_shards)]
+    meta = {"format": CACHE_FORMAT, "rules": GRAPH_RULES, "source_hash": source_hash,
+            "atom_cutoff": float(atom_cutoff), "bond_cutoff": float(bond_cutoff),
+            "shard_sizes": sizes, "n_samples": int(sum(sizes))}
+    tmp = path / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, path / "meta.json")
+    return GraphCache(path)
+
+
+class GraphCache:
+    """Random access to a built cache; arrays are memory-mapped and read lazily per sample."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        meta_file = self.path / "meta.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{self.path} is not a fastchgnet graph cache (no meta.json)")
+        self.meta = json.loads(meta_file.read_text())
+        if self.meta.get("format") != CACHE_FORMAT or self.meta.get("rules") != GRAPH_RULES:
+            raise ValueError(f"{self.path}: cache format/rules {self.meta.get('format')}/"
+                             f"{self.meta.get('rules')} differ from {CACHE_FORMAT}/{GRAPH_RULES}; rebuild it")
+        self.shard_sizes = list(self.meta["shard_sizes"])
+        self._starts = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
+        self._shards: dict[int, dict[str, Any]] = {}
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def atom_cutoff(self) -> float:
+        return float(self.meta["atom_cutoff"])
+
+    @property
+    def bond_cutoff(self) -> float:
+        return float(self.meta["bond_cutoff"])
+
+    def _shard(self, k: int) -> dict[str, Any]:
+        if k not in self._shards:
+            d = self.path / f"shard-{k:05d}"
+            arrays = {p.stem: np.load(p, mmap_mode="r") for p in d.glob("*.npy")}
+            arrays["ids"] = json.loads((d / "ids.json").read_text())
+            self._shards[k] = arrays
+        return self._shards[k]
+
+    def _locate(self, index: int) -> tuple[dict[str, Any], int]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"sample {index} out of range for a cache of {len(self)}")
+        index %= len(self)
+        k = int(np.searchsorted(self._starts, index, side="right") - 1)
+        return self._shard(k), index - int(self._starts[k])
+
+    def sizes(self) -> np.ndarray:
+        """(n_samples, 3) atoms, directed bonds and angles of every sample (reads only the ptrs)."""
+        out = []
+        for k in range(len(self.shard_sizes)):
+            d = self.path / f"shard-{k:05d}"
+            ptr = [np.load(d / f"{n}.npy", mmap_mode="r") for n in ("atom_ptr", "bond_ptr", "angle_ptr")]
+            out.append(np.stack([np.diff(p) for p in ptr], axis=1))
+        sizes = np.concatenate(out) if out else np.zeros((0, 3), dtype=np.int64)
+        sizes[:, 1] *= 2  # directed bonds
+        return sizes
+
+    def __getitem__(self, index: int) -> CachedSample:
+        sh, i = self._locate(index)
+        a0, a1 = int(sh["atom_ptr"][i]), int(sh["atom_ptr"][i + 1])
+        b0, b1 = int(sh["bond_ptr"][i]), int(sh["bond_ptr"][i + 1])
+        g0, g1 = int(sh["angle_ptr"][i]), int(sh["angle_ptr"][i + 1])
+        graph = CrystalGraph(
+            atomic_numbers=np.asarray(sh["atomic_numbers"][a0:a1], dtype=np.int64),
+            positions=np.array(sh["positions"][a0:a1]),
+            lattice=np.array(sh["lattice"][i]),
+            bond_src=np.asarray(sh["bond_src"][b0:b1], dtype=np.int64),
+            bond_dst=np.asarray(sh["bond_dst"][b0:b1], dtype=np.int64),
+            bond_image=np.asarray(sh["bond_image"][b0:b1], dtype=np.int64),
+            bond_length=np.asarray(sh["bond_length"][b0:b1], dtype=np.float64),
+            angle_center=np.asarray(sh["angle_center"][g0:g1], dtype=np.int64),
+            angle_bond1=np.asarray(sh["angle_bond1"][g0:g1], dtype=np.int64),
+            angle_bond2=np.asarray(sh["angle_bond2"][g0:g1], dtype=np.int64),
+            angle_sign1=np.array(sh["angle_sign1"][g0:g1]),
+            angle_sign2=np.array(sh["angle_sign2"][g0:g1]),
+            atom_cutoff=self.atom_cutoff, bond_cutoff=self.bond_cutoff,
+            graph_id=sh["ids"][i],
+        )
+        has = np.asarray(sh["has"][i])
+        return CachedSample(
+            graph=graph,
+            energy_per_atom=float(sh["energy"][i]) if has[0] else None,
+            forces=np.array(sh["forces"][a0:a1], dtype=np.float64) if has[1] else None,
+            stress=np.array(sh["stress"][i], dtype=np.float64) if has[2] else None,
+            magmom=np.array(sh["magmom"][a0:a1], dtype=np.float64) if has[3] else None,
+            id=sh["ids"][i],
+        )
+
+    def remove(self) -> None:
+        """Delete this cache from disk."""
+        shutil.rmtree(self.path)
+
+
+def open_or_build(samples_fn: Callable[[], Iterable[Any]], source: str | os.PathLike,
+                  root: str | os.PathLike, **kwargs: Any) -> GraphCache:
+    """Cache of a dataset file: keyed by the file's content hash; ``samples_fn()`` is called only
+    when the cache has to be built."""
+    h = file_hash(source)
+    key = cache_key(h, kwargs.get("atom_cutoff", 6.0), kwargs.get("bond_cutoff", 3.0))
+    if (Path(root) / key / "meta.json").is_file():
+        return GraphCache(Path(root) / key)
+    return build_cache(samples_fn(), root, source_hash=h, **kwargs)
+
+
+def subset_sizes(cache: GraphCache, indices: Sequence[int]) -> np.ndarray:
+    """Sizes (atoms, directed bonds, angles) of selected samples."""
+    return cache.sizes()[np.asarray(indices, dtype=np.int64)]
