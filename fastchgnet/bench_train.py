@@ -1,0 +1,570 @@
+"""Training-step benchmark: one optimiser step of fastchgnet against the reference ``chgnet``.
+
+One step = forward with energy, forces, stress and magnetic moments (forces and stress as
+gradients with ``create_graph=True``), the CHGNet training loss, backward (second derivatives
+through the force/stress gradient), ``optimizer.step()`` and ``zero_grad()``. Both models start
+from the CHGNet 0.3.0 weights, train all their trainable parameters (the AtomRef composition
+model is frozen in both) with Adam, and use the same loss:
+
+    L = 2 * huber(e) + 1.5 * huber(f) + 0.1 * huber(s) + 0.1 * huber(m),   huber delta = 0.1
+
+(energy per atom in eV, forces eV/Å, stress GPa, magnetic moments μB; each term the mean over its
+elements — the FastCHGNet / CHGNet defaults).
+
+What is inside the timed step and what is not, as with a DataLoader feeding the loop:
+
+* outside: graph construction (``fastchgnet.build_graph`` / ``chgnet.graph.CrystalGraphConverter``),
+  collation into our :class:`~fastchgnet.data.batch.Batch`, the host-to-device copies, labels;
+* inside: everything the model does with the batch. For ``chgnet`` that includes its own
+  featurisation (``BatchedGraph.from_graphs``: bond vectors, bases, index offsets), which is part
+  of its ``forward``.
+
+Structures (:func:`chgnet_like_batch`): MPtrj-like cells from the shared CIFs (LiMnO2, 8 atoms;
+Li9Co7O16, 32 atoms; supercells up to ``max_atoms``, transition metal varied, strained and
+rattled), or built-in prototypes (:func:`fastchgnet.data.prototypes.random_structures`) when the
+CIFs are absent. Labels are the 0.3.0 model's predictions plus Gaussian noise, so the loss is
+realistic in size and the gradients are not zero.
+
+Run: ``python -m fastchgnet.bench_train [--device cuda] [--json PATH]``; from Python
+:func:`run_train_bench` (rows) and :func:`format_train_table`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastchgnet.bench import (
+    count_cuda_kernels,
+    environment,
+    format_environment,
+    graph_counts,
+    load_our_model,
+    load_reference,
+    quiet,
+    reference_converter,
+    resolve_device,
+    structures_dir,
+    time_interleaved,
+)
+
+__all__ = [
+    "HUBER_DELTA",
+    "LOSS_WEIGHTS",
+    "TrainData",
+    "chgnet_inputs",
+    "chgnet_like_batch",
+    "chgnet_train_step",
+    "default_batch_sizes",
+    "format_train_table",
+    "kernels_env",
+    "kernels_used",
+    "main",
+    "make_optimizer",
+    "our_inputs",
+    "ours_train_step",
+    "run_train_bench",
+    "step_memory_mib",
+    "train_loss",
+]
+
+# the FastCHGNet / CHGNet training defaults
+LOSS_WEIGHTS = {"e": 2.0, "f": 1.5, "s": 0.1, "m": 0.1}
+HUBER_DELTA = 0.1
+LEARNING_RATE = 1e-3
+
+# label noise added to the model's predictions (eV/atom, eV/Å, GPa, μB)
+_NOISE = {"e": 0.02, "f": 0.05, "s": 0.2, "m": 0.05}
+
+# supercells of the two shared cells making up the MPtrj-like pool: a cell is drawn first (each
+# with equal chance), then one of its supercells; with max_atoms = 64 a batch of 64 structures
+# averages about 40 atoms, 2000 undirected bonds and 8000 angles per structure
+_POOL = {
+    "LiMnO2": ((1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 2, 2), (2, 2, 2)),
+    "Li9Co7O16": ((1, 1, 1), (1, 1, 2), (2, 1, 1)),
+}
+_TRANSITION_METALS = ("Mn", "Fe", "Co", "Ni")
+
+
+def default_batch_sizes(device: str) -> tuple[int, ...]:
+    """(16, 32, 64) structures per step on CUDA; (4, 8) on the CPU (about 2 minutes in all)."""
+    return (16, 32, 64) if str(device).startswith("cuda") else (4, 8)
+
+
+def default_max_atoms(device: str) -> int:
+    """Largest structure of the pool: 64 atoms on CUDA; 16 on the CPU (LiMnO2 and its 2-cell
+    supercells: a CPU step of 8 such structures takes seconds in chgnet)."""
+    return 64 if str(device).startswith("cuda") else 16
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class TrainData:
+    """Structures of one training batch and their labels (numpy, one entry per structure)."""
+
+    structures: list
+    energy: np.ndarray  # (B,) eV/atom
+    forces: list  # (n_i, 3) eV/Å
+    stress: list  # (3, 3) GPa
+    magmom: list  # (n_i,) μB
+    source: str  # "cif" or "prototypes"
+    seed: int
+
+    def __len__(self) -> int:
+        return len(self.structures)
+
+    @property
+    def n_atoms(self) -> int:
+        return sum(len(s) for s in self.structures)
+
+    def label_tensors(self, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Concatenated labels: ``e`` (B,), ``f`` (N, 3), ``s`` (B, 3, 3), ``m`` (N,)."""
+        def t(a: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype).to(device)
+
+        return {"e": t(self.energy), "f": t(np.concatenate(self.forces)),
+                "s": t(np.stack(self.stress)), "m": t(np.concatenate(self.magmom))}
+
+
+def _cif_structures(n: int, rng: np.random.Generator, max_atoms: int) -> list | None:
+    folder = structures_dir()
+    if folder is None:
+        return None
+    from pymatgen.core import Lattice, Structure
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cells = {"LiMnO2": Structure.from_file(str(folder / "mp-18767-LiMnO2.cif")),
+                 "Li9Co7O16": Structure.from_file(str(folder / "mp-1175469-Li9Co7O16.cif"))}
+    pool = {name: [r for r in reps if len(cells[name]) * int(np.prod(r)) <= max_atoms]
+            for name, reps in _POOL.items()}
+    pool = {name: reps for name, reps in pool.items() if reps}
+    if not pool:  # max_atoms below the smallest cell: the smallest cell alone
+        pool = {"LiMnO2": [(1, 1, 1)]}
+    names = sorted(pool)
+    out = []
+    for _ in range(n):
+        name = names[int(rng.integers(len(names)))]
+        reps = pool[name][int(rng.integers(len(pool[name])))]
+        s = cells[name] * reps
+        s.remove_oxidation_states()
+        # vary the transition metal (same structure type: the graph stays MPtrj-like)
+        tm = str(rng.choice(_TRANSITION_METALS))
+        s.replace_species({el: tm for el in {sp.symbol for sp in s.species}
+                           if el in _TRANSITION_METALS and el != tm})
+        eps = rng.uniform(-0.02, 0.02, (3, 3))
+        eps = (eps + eps.T) / 2
+        lat = Lattice(s.lattice.matrix @ (np.eye(3) + eps))
+        s = Structure(lat, s.species, s.frac_coords)
+        s = Structure(s.lattice, s.species,
+                      s.cart_coords + rng.normal(0.0, 0.04, (len(s), 3)),
+                      coords_are_cartesian=True)
+        out.append(s)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _label_model() -> Any:
+    """The 0.3.0 model on the CPU, used only to make labels (kept apart from trained models)."""
+    return load_our_model("cpu")[0]
+
+
+def chgnet_like_batch(n_structures: int, seed: int = 0, *, max_atoms: int = 64,
+                      label_model: Any = None) -> TrainData:
+    """``n_structures`` MPtrj-like structures with synthetic labels (deterministic in ``seed``).
+
+    Structures: the shared CIFs (supercells up to ``max_atoms`` atoms, transition metal varied,
+    strained ±2 %, rattled 0.04 Å) when present, else
+    ``fastchgnet.data.prototypes.random_structures(n, seed=seed, max_atoms=max_atoms)``.
+    Labels: predictions of ``label_model`` (default: the 0.3.0 model on the CPU, untouched by any
+    training) plus Gaussian noise (0.02 eV/atom, 0.05 eV/Å, 0.2 GPa, 0.05 μB; magmoms kept >= 0).
+    """
+    if n_structures < 1:
+        raise ValueError(f"n_structures must be >= 1, got {n_structures}")
+    rng = np.random.default_rng(seed)
+    structures = _cif_structures(n_structures, rng, max_atoms)
+    source = "cif"
+    if structures is None:
+        from fastchgnet.data.prototypes import random_structures
+
+        structures = random_structures(n_structures, seed=seed, max_atoms=max_atoms)
+        source = "prototypes"
+    model = label_model if label_model is not None else _label_model()
+    preds = model.predict(structures, task="efsm", batch_size=16)
+    noise = np.random.default_rng(seed + 1_000_003)
+    energy = np.array([float(p["e"]) for p in preds]) + noise.normal(0, _NOISE["e"], len(preds))
+    forces = [p["f"] + noise.normal(0, _NOISE["f"], p["f"].shape) for p in preds]
+    stress = [p["s"] + noise.normal(0, _NOISE["s"], (3, 3)) for p in preds]
+    magmom = [np.abs(p["m"] + noise.normal(0, _NOISE["m"], p["m"].shape)) for p in preds]
+    return TrainData(structures, energy, forces, stress, magmom, source, seed)
+
+
+def our_inputs(data: TrainData, model: Any, device: str) -> tuple[Any, dict[str, torch.Tensor], dict]:
+    """(batch on ``device``, labels on ``device``, graph sizes) for :func:`ours_train_step`."""
+    from fastchgnet.data.batch import collate
+    from fastchgnet.data.graph import build_graphs
+
+    graphs = build_graphs(data.structures, **model.graph_kwargs())
+    dtype = next(model.parameters()).dtype
+    batch = collate(graphs, dtype=dtype).to(device)
+    return batch, data.label_tensors(device, dtype), graph_counts(graphs)
+
+
+def chgnet_inputs(data: TrainData, converter: Any, device: str) -> tuple[list, dict[str, torch.Tensor], dict]:
+    """(reference graphs on ``device``, labels on ``device``, graph sizes) for
+    :func:`chgnet_train_step`.
+
+    As in the reference trainer, fractional coordinates and lattice require grad (forces,
+    stress); here they are made leaves on the device once, like a batch moved before the step.
+    """
+    graphs = []
+    with quiet():
+        for s in data.structures:
+            g = converter(s).to(device)
+            g.atom_frac_coord = g.atom_frac_coord.detach().requires_grad_(True)
+            g.lattice = g.lattice.detach().requires_grad_(True)
+            graphs.append(g)
+    sizes = {"ref_directed_bonds": sum(int(g.atom_graph.shape[0]) for g in graphs),
+             "ref_angles": sum(int(g.bond_graph.shape[0]) for g in graphs)}
+    return graphs, data.label_tensors(device, torch.float32), sizes
+
+
+# ----------------------------------------------------------------------------------------------
+# the step
+
+
+def train_loss(pred: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Weighted Huber loss over energy per atom, forces, stress and magnetic moments."""
+    loss = None
+    for key, weight in LOSS_WEIGHTS.items():
+        term = weight * F.huber_loss(pred[key], labels[key], delta=HUBER_DELTA)
+        loss = term if loss is None else loss + term
+    return loss
+
+
+def make_optimizer(model: torch.nn.Module, lr: float = LEARNING_RATE) -> torch.optim.Optimizer:
+    """Adam over the trainable parameters (the frozen AtomRef excluded)."""
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
+def ours_train_step(model: Any, optimizer: torch.optim.Optimizer, batch: Any,
+                    labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One training step of fastchgnet on a collated batch already on the device.
+
+    Returns the loss (a detached tensor: no host synchronisation here).
+    """
+    out = model(batch, task="efsm", create_graph=True)
+    loss = train_loss(out, labels)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def chgnet_train_step(model: Any, optimizer: torch.optim.Optimizer, graphs: Sequence[Any],
+                      labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The same step on the reference ``chgnet.model.CHGNet`` (graphs already on the device).
+
+    Its ``forward(graphs, task="efsm")`` returns ``e`` (B,) and per-structure lists: ``f``
+    (n_i, 3), ``s`` (3, 3), ``m`` (n_i,); they are concatenated to the label layout.
+    """
+    with warnings.catch_warnings():
+        # chgnet warns that it turns the (grad-requiring) cell volumes into a tensor: harmless
+        warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
+        out = model(graphs, task="efsm")
+    pred = {"e": out["e"], "f": torch.cat(list(out["f"])), "s": torch.stack(list(out["s"])),
+            "m": torch.cat(list(out["m"]))}
+    loss = train_loss(pred, labels)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels mode, memory
+
+
+@contextlib.contextmanager
+def kernels_env(mode: str | None) -> Iterator[None]:
+    """Set ``FASTCHGNET_KERNELS`` for the duration (None: leave it as it is)."""
+    if mode is None:
+        yield
+        return
+    old = os.environ.get("FASTCHGNET_KERNELS")
+    os.environ["FASTCHGNET_KERNELS"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FASTCHGNET_KERNELS", None)
+        else:
+            os.environ["FASTCHGNET_KERNELS"] = old
+
+
+def kernels_used(device: str) -> str:
+    """``triton`` or ``torch``: the path the fused ops take for tensors on ``device`` under the
+    current ``FASTCHGNET_KERNELS``; raises ValueError for an impossible request (``triton`` on
+    the CPU without ``TRITON_INTERPRET=1``, or without the triton package)."""
+    import fastchgnet.kernels as kernels
+
+    try:
+        return "triton" if kernels.use_triton(torch.empty(0, device=device)) else "torch"
+    except RuntimeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def step_memory_mib(fn: Callable[[], Any], device: str) -> tuple[float | None, float | None]:
+    """(peak allocated MiB during one call, the part of it above what was allocated before)."""
+    if not str(device).startswith("cuda"):
+        return None, None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return peak / 2**20, (peak - base) / 2**20
+
+
+# ----------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def run_train_bench(
+    device: str = "auto",
+    batch_sizes: Sequence[int] | None = None,
+    repeats: int = 5,
+    warmup: int = 2,
+    kernels: str | None = "auto",
+    *,
+    reference: bool = True,
+    max_atoms: int | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Time one training step of both implementations at each batch size; one row per size.
+
+    Args:
+        device: ``cpu``, ``cuda`` (``cuda:N``) or ``auto``.
+        batch_sizes: structures per step; default :func:`default_batch_sizes` of the device.
+        repeats: timed steps per implementation (interleaved ours/ref; medians reported).
+        warmup: untimed steps per implementation first (Triton/cuBLAS warm-up, allocator).
+        kernels: ``FASTCHGNET_KERNELS`` for the run (``auto``, ``triton``, ``torch``; None: the
+            environment's); the row records the path actually taken (``kernels``).
+        reference: also time ``chgnet`` when it is installed.
+        max_atoms: largest structure; default :func:`default_max_atoms` of the device.
+        seed: seed of the structures (batch size ``B`` uses ``seed + B``) and labels.
+        threads: torch intra-op threads for the run (restored afterwards).
+        progress: called with each case's name before it runs.
+
+    Row fields: ``case``, ``batch_size``, ``atoms``, ``bonds``, ``directed_bonds``, ``angles``,
+    ``ours_ms``, ``ref_ms``, ``ratio`` (ref/ours, > 1: fastchgnet faster), minima and all
+    timings, ``kernels`` (used) and ``kernels_requested``, ``loss_ours``/``loss_ref`` (of the
+    last step), and on CUDA ``ours_peak_mib``/``ref_peak_mib`` (peak allocated during one
+    step), ``ours_step_mib``/``ref_step_mib`` (the part above what was allocated before the
+    step), ``ours_kernels``/``ref_kernels`` (CUDA kernels launched by one step).
+    """
+    device = resolve_device(device)
+    if threads is not None:
+        old = torch.get_num_threads()
+        torch.set_num_threads(int(threads))
+        try:
+            return run_train_bench(device, batch_sizes, repeats, warmup, kernels,
+                                   reference=reference, max_atoms=max_atoms, seed=seed,
+                                   progress=progress)
+        finally:
+            torch.set_num_threads(old)
+    sizes = tuple(int(b) for b in (batch_sizes or default_batch_sizes(device)))
+    max_atoms = int(max_atoms or default_max_atoms(device))
+    repeats, warmup = max(1, int(repeats)), max(0, int(warmup))
+    cuda = device.startswith("cuda")
+
+    with kernels_env(kernels):
+        used = kernels_used(device)
+        requested = os.environ.get("FASTCHGNET_KERNELS", "auto")
+        model, weights = load_our_model(device)
+        model.train()
+        opt = make_optimizer(model)
+        ref = load_reference(device) if reference else None
+        conv = reference_converter() if ref is not None else None
+        if ref is not None:
+            ref.train()
+            ref_opt = make_optimizer(ref)
+
+        rows: list[dict] = []
+        for bs in sizes:
+            name = f"train efsm b{bs}"
+            if progress is not None:
+                progress(name)
+            data = chgnet_like_batch(bs, seed + bs, max_atoms=max_atoms)
+            batch, labels, counts = our_inputs(data, model, device)
+            last: dict[str, torch.Tensor] = {}
+
+            def ours(batch=batch, labels=labels) -> None:
+                last["ours"] = ours_train_step(model, opt, batch, labels)
+
+            fns: dict[str, Callable[[], Any]] = {"ours": ours}
+            ref_sizes: dict = {}
+            if ref is not None:
+                graphs, ref_labels, ref_sizes = chgnet_inputs(data, conv, device)
+
+                def reference_step(graphs=graphs, ref_labels=ref_labels) -> None:
+                    last["ref"] = chgnet_train_step(ref, ref_opt, graphs, ref_labels)
+
+                fns["ref"] = reference_step
+            times = time_interleaved(fns, device, repeats=repeats, warmup=warmup)
+            ours_ms = statistics.median(times["ours"])
+            ref_ms = statistics.median(times["ref"]) if "ref" in times else None
+            row: dict[str, Any] = {
+                "case": name,
+                "device": device,
+                "batch_size": bs,
+                "n_structures": bs,
+                "n_atoms": counts["atoms"],
+                **counts,
+                **ref_sizes,
+                "ours_ms": ours_ms,
+                "ref_ms": ref_ms,
+                "ratio": ref_ms / ours_ms if ref_ms is not None and ours_ms > 0 else None,
+                "ours_min_ms": min(times["ours"]),
+                "ref_min_ms": min(times["ref"]) if "ref" in times else None,
+                "ours_ms_all": times["ours"],
+                "ref_ms_all": times.get("ref"),
+                "repeats": repeats,
+                "warmup": warmup,
+                "kernels": used,
+                "kernels_requested": requested,
+                "max_atoms": max_atoms,
+                "structures": data.source,
+                "weights": weights,
+                "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                "torch_threads": torch.get_num_threads(),
+                "loss_ours": float(last["ours"]) if "ours" in last else None,
+                "loss_ref": float(last["ref"]) if "ref" in last else None,
+            }
+            if cuda:
+                row["ours_peak_mib"], row["ours_step_mib"] = step_memory_mib(fns["ours"], device)
+                row["ours_kernels"] = count_cuda_kernels(fns["ours"], device)
+                if "ref" in fns:
+                    row["ref_peak_mib"], row["ref_step_mib"] = step_memory_mib(fns["ref"], device)
+                    row["ref_kernels"] = count_cuda_kernels(fns["ref"], device)
+                else:
+                    row.update(ref_peak_mib=None, ref_step_mib=None, ref_kernels=None)
+            rows.append(row)
+            del batch, labels, fns
+            if cuda:
+                torch.cuda.empty_cache()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def format_train_table(rows: list[dict]) -> str:
+    """Plain-text table of :func:`run_train_bench` rows (memory/kernel columns on CUDA)."""
+    cuda = any("ours_peak_mib" in r for r in rows)
+    head = ["case", "atoms", "bonds", "angles", "ours ms", "chgnet ms", "chgnet/ours"]
+    if cuda:
+        head += ["ours MiB", "chgnet MiB", "ours kern", "chgnet kern"]
+    head.append("kernels")
+    body = []
+    for r in rows:
+        line = [r["case"], str(r["atoms"]), str(r["bonds"]), str(r["angles"]),
+                _fmt(r["ours_ms"], ".1f"), _fmt(r.get("ref_ms"), ".1f"),
+                "n/a" if r.get("ratio") is None else f"{r['ratio']:.2f}x"]
+        if cuda:
+            line += [_fmt(r.get("ours_peak_mib"), ".0f"), _fmt(r.get("ref_peak_mib"), ".0f"),
+                     _fmt(r.get("ours_kernels"), "d"), _fmt(r.get("ref_kernels"), "d")]
+        line.append(str(r.get("kernels")))
+        body.append(line)
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
+              for i, h in enumerate(head)]
+
+    def fmt_line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([fmt_line(head), "  ".join("-" * w for w in widths)]
+                     + [fmt_line(b) for b in body])
+
+
+def main(argv: Sequence[str] | None = None, stream: Any = None) -> list[dict]:
+    """``python -m fastchgnet.bench_train``: run, print the table, optionally save JSON."""
+    p = argparse.ArgumentParser(prog="python -m fastchgnet.bench_train",
+                                description="time one training step, fastchgnet vs chgnet")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto [%(default)s]")
+    p.add_argument("--batch-sizes", default=None,
+                   help="comma-separated structures per step [cuda: 16,32,64; cpu: 4,8]")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps each [%(default)s]")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps each [%(default)s]")
+    p.add_argument("--kernels", default="auto", choices=("auto", "triton", "torch"),
+                   help="FASTCHGNET_KERNELS for the run [%(default)s]")
+    p.add_argument("--max-atoms", type=int, default=None,
+                   help="largest structure [cuda: 64; cpu: 16]")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--no-reference", action="store_true", help="time fastchgnet only")
+    p.add_argument("--json", default=None, metavar="PATH", help="save environment and rows")
+    args = p.parse_args(argv)
+    stream = stream or sys.stdout
+
+    device = resolve_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)  # a command-line run: the process is ours
+    sizes = ([int(b) for b in args.batch_sizes.split(",") if b.strip()]
+             if args.batch_sizes else None)
+    env = environment(device)
+    print(f"# {format_environment(env)}", file=stream, flush=True)
+    t0 = time.perf_counter()
+    try:
+        rows = run_train_bench(device, sizes, args.repeats, args.warmup, args.kernels,
+                               reference=not args.no_reference, max_atoms=args.max_atoms,
+                               progress=lambda n: print(f"  running {n} ...", file=sys.stderr,
+                                                        flush=True))
+    except ValueError as exc:  # e.g. --kernels triton on the CPU without TRITON_INTERPRET=1
+        p.error(str(exc))
+    wall = time.perf_counter() - t0
+    print(format_train_table(rows), file=stream)
+    src = rows[0]["structures"] if rows else "?"
+    print(f"# one training step (efsm forward, Huber loss, backward, Adam step); medians of "
+          f"{args.repeats} interleaved steps after {args.warmup} warm-up; ratio = chgnet/ours; "
+          f"structures: {src}; total {wall:.1f} s", file=stream)
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        settings = {k: getattr(args, k) for k in ("batch_sizes", "repeats", "warmup", "kernels",
+                                                  "max_atoms", "threads", "no_reference")}
+        settings.update(loss_weights=LOSS_WEIGHTS, huber_delta=HUBER_DELTA, optimizer="Adam",
+                        lr=LEARNING_RATE)
+        payload = {"environment": env, "settings": settings, "wall_s": wall, "rows": rows}
+        path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        print(f"# saved {path}", file=stream)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
