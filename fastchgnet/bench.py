@@ -394,6 +394,23 @@ def _cases(device: str, quick: bool, model: Any, ref: Any | None, conv: Any | No
     return cases
 
 
+def timing_fields(times: dict[str, list[float]], repeats: int, warmup: int) -> dict[str, Any]:
+    """Row fields from the per-call times (ms) of ``"ours"`` and optionally ``"ref"``."""
+    ours_ms = statistics.median(times["ours"])
+    ref_ms = statistics.median(times["ref"]) if times.get("ref") else None
+    return {
+        "ours_ms": ours_ms,
+        "ref_ms": ref_ms,
+        "ratio": (ref_ms / ours_ms) if ref_ms is not None and ours_ms > 0 else None,
+        "ours_min_ms": min(times["ours"]),
+        "ref_min_ms": min(times["ref"]) if times.get("ref") else None,
+        "ours_ms_all": times["ours"],
+        "ref_ms_all": times.get("ref"),
+        "repeats": repeats,
+        "warmup": warmup,
+    }
+
+
 def run_bench(
     device: str = "cpu",
     repeats: int = 5,
@@ -442,23 +459,13 @@ def run_bench(
         if case.ref is not None:
             fns["ref"] = case.ref
         times = time_interleaved(fns, device, repeats=repeats, warmup=warmup)
-        ours_ms = statistics.median(times["ours"])
-        ref_ms = statistics.median(times["ref"]) if "ref" in times else None
         row: dict[str, Any] = {
             "case": case.name,
             "kind": case.kind,
             "device": device,
             "n_structures": case.n_structures,
             "n_atoms": case.n_atoms,
-            "ours_ms": ours_ms,
-            "ref_ms": ref_ms,
-            "ratio": (ref_ms / ours_ms) if ref_ms is not None and ours_ms > 0 else None,
-            "ours_min_ms": min(times["ours"]),
-            "ref_min_ms": min(times["ref"]) if "ref" in times else None,
-            "ours_ms_all": times["ours"],
-            "ref_ms_all": times.get("ref"),
-            "repeats": repeats,
-            "warmup": warmup,
+            **timing_fields(times, repeats, warmup),
             "structures": structs.source,
             "weights": weights,
             "torch_threads": torch.get_num_threads(),

@@ -36,7 +36,6 @@ import contextlib
 import functools
 import json
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -60,6 +59,7 @@ from fastchgnet.bench import (
     resolve_device,
     structures_dir,
     time_interleaved,
+    timing_fields,
 )
 
 __all__ = [
@@ -433,8 +433,6 @@ def run_train_bench(
 
                 fns["ref"] = reference_step
             times = time_interleaved(fns, device, repeats=repeats, warmup=warmup)
-            ours_ms = statistics.median(times["ours"])
-            ref_ms = statistics.median(times["ref"]) if "ref" in times else None
             row: dict[str, Any] = {
                 "case": name,
                 "device": device,
@@ -443,15 +441,7 @@ def run_train_bench(
                 "n_atoms": counts["atoms"],
                 **counts,
                 **ref_sizes,
-                "ours_ms": ours_ms,
-                "ref_ms": ref_ms,
-                "ratio": ref_ms / ours_ms if ref_ms is not None and ours_ms > 0 else None,
-                "ours_min_ms": min(times["ours"]),
-                "ref_min_ms": min(times["ref"]) if "ref" in times else None,
-                "ours_ms_all": times["ours"],
-                "ref_ms_all": times.get("ref"),
-                "repeats": repeats,
-                "warmup": warmup,
+                **timing_fields(times, repeats, warmup),
                 "kernels": used,
                 "kernels_requested": requested,
                 "max_atoms": max_atoms,

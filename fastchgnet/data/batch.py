@@ -9,7 +9,7 @@ offsets with ``np.repeat``; nothing loops over atoms, bonds or angles.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -56,16 +56,7 @@ class Batch:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
            non_blocking: bool = False) -> "Batch":
         """Move to a device; floating tensors (positions, lattice, images, signs) to ``dtype``."""
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, Tensor):
-                if dtype is not None and v.is_floating_point():
-                    v = v.to(device=device, dtype=dtype, non_blocking=non_blocking)
-                else:
-                    v = v.to(device=device, non_blocking=non_blocking)
-            out[f.name] = v
-        return Batch(**out)
+        return Batch(**fields_to(self, device, dtype, non_blocking))
 
     def pin_memory(self) -> "Batch":
         return Batch(**{f.name: (getattr(self, f.name).pin_memory()
@@ -79,6 +70,20 @@ class Batch:
     @property
     def dtype(self) -> torch.dtype:
         return self.positions.dtype
+
+
+def fields_to(obj: Any, device: torch.device | str | None, dtype: torch.dtype | None,
+              non_blocking: bool = False) -> dict[str, Any]:
+    """The fields of a dataclass with every tensor moved to ``device`` and every floating tensor
+    cast to ``dtype`` (integer and bool tensors keep their dtype)."""
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, Tensor):
+            cast = dtype if (dtype is not None and v.is_floating_point()) else None
+            v = v.to(device=device, dtype=cast, non_blocking=non_blocking)
+        out[f.name] = v
+    return out
 
 
 def collate(graphs: Sequence[CrystalGraph], dtype: torch.dtype = torch.float32) -> Batch:

@@ -21,7 +21,7 @@ tensor value, so a training step never waits for the host.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastchgnet.data.batch import Batch
+from fastchgnet.data.batch import Batch, fields_to
 
 __all__ = ["DEFAULT_PREFACTORS", "EFSMLoss", "MAEAccumulator", "Targets", "collate_targets"]
 
@@ -67,16 +67,7 @@ class Targets:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
            non_blocking: bool = False) -> "Targets":
         """Move to a device; label values (floating tensors) to ``dtype``. Masks stay bool."""
-        out: dict[str, Any] = {}
-        for fld in fields(self):
-            v = getattr(self, fld.name)
-            if isinstance(v, Tensor):
-                if dtype is not None and v.is_floating_point():
-                    v = v.to(device=device, dtype=dtype, non_blocking=non_blocking)
-                else:
-                    v = v.to(device=device, non_blocking=non_blocking)
-            out[fld.name] = v
-        return Targets(**out)
+        return Targets(**fields_to(self, device, dtype, non_blocking))
 
     @property
     def device(self) -> torch.device | None:
