@@ -74,13 +74,21 @@ def _envelope(x, P: tl.constexpr):
 
 
 @triton.jit
-def _fwd_one(r, rows64, rmask, cols, f_ptr, out_ptr, K, rc_hi, rc_lo, nm_hi, nm_lo,
-             P: tl.constexpr):
+def _scaled(r, rc_hi, rc_lo, nm_hi, nm_lo, P: tl.constexpr):
+    """Cutoff and normalisation rebuilt in r's dtype from their float32 (hi, lo) pairs, the scaled
+    length x = r / rc, and the envelope with its derivative at x."""
     zero = r * 0.0
     rc = (zero + rc_hi) + rc_lo
     norm = (zero + nm_hi) + nm_lo
     x = r / rc
-    env, _ = _envelope(x, P)
+    env, denv = _envelope(x, P)
+    return rc, norm, x, env, denv
+
+
+@triton.jit
+def _fwd_one(r, rows64, rmask, cols, f_ptr, out_ptr, K, rc_hi, rc_lo, nm_hi, nm_lo,
+             P: tl.constexpr):
+    rc, norm, x, env, _ = _scaled(r, rc_hi, rc_lo, nm_hi, nm_lo, P)
     scale = norm * env / r
     cmask = cols < K
     f = tl.load(f_ptr + cols, mask=cmask, other=0.0)
@@ -107,11 +115,7 @@ def _radial_fwd_kernel(r_ptr, fa_ptr, fb_ptr, outa_ptr, outb_ptr, n, Ka, Kb,
 def _bwd_one(r, rows64, rmask, cols, f_ptr, g_ptr, K, rc_hi, rc_lo, nm_hi, nm_lo,
              P: tl.constexpr):
     """(per-row d/dr contribution (BLOCK_N,), per-column d/dw partial sum (BLOCK_K,))."""
-    zero = r * 0.0
-    rc = (zero + rc_hi) + rc_lo
-    norm = (zero + nm_hi) + nm_lo
-    x = r / rc
-    env, denv = _envelope(x, P)
+    rc, norm, x, env, denv = _scaled(r, rc_hi, rc_lo, nm_hi, nm_lo, P)
     b0 = norm * env / r
     b1 = norm * (denv / (rc * r) - env / (r * r))
     cmask = cols < K

@@ -169,15 +169,15 @@ def from_chgnet_state_dict(sd: dict[str, Tensor], model_args: dict[str, Any]) ->
     return net
 
 
-def _mlp_linears(prefix: str, sd: dict[str, Tensor], hidden: int) -> list[str]:
+def _mlp_linears(prefix: str, hidden: int) -> list[str]:
     """Prefixes of the Linear layers of a reference ``MLP`` (first, then the output layer)."""
     return [f"{prefix}.layers.0", f"{prefix}.layers.3"] if hidden > 0 else [f"{prefix}.layers.1"]
 
 
 def _gated(sd: dict[str, Tensor], prefix: str, hidden: int, splits: list[int]):
     """First-layer weight column blocks of core and gate, their biases, and the tail params."""
-    first_c, *rest_c = _mlp_linears(f"{prefix}.mlp_core", sd, hidden)
-    first_g, *rest_g = _mlp_linears(f"{prefix}.mlp_gate", sd, hidden)
+    first_c, *rest_c = _mlp_linears(f"{prefix}.mlp_core", hidden)
+    first_g, *rest_g = _mlp_linears(f"{prefix}.mlp_gate", hidden)
     wc = torch.split(sd[f"{first_c}.weight"], splits, dim=1)
     wg = torch.split(sd[f"{first_g}.weight"], splits, dim=1)
     bias = torch.cat([sd[f"{first_c}.bias"], sd[f"{first_g}.bias"]])
