@@ -221,9 +221,144 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# train / evaluate
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", metavar="PATH", default=None,
+                   help="dataset file (MPtrj JSON, extxyz, ASE db, mlearn JSON, ...); "
+                        "default: the built-in dataset")
+    p.add_argument("--format", default="auto",
+                   choices=["auto", "mptrj", "extxyz", "asedb", "mlearn", "ase"],
+                   help="dataset format [%(default)s: by extension and content]")
+    p.add_argument("--cache", metavar="DIR", default=None,
+                   help="graph cache root [$FASTCHGNET_CACHE or ~/.cache/fastchgnet/graphs]")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed entries (counted in the log) instead of stopping")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model (default: on the built-in dataset)",
+                       description="Train a CHGNet-class model with the efsm Huber loss, Adam and a "
+                                   "cosine schedule; writes checkpoints, metrics.csv, test.json "
+                                   "and parity plots to --out.")
+    _add_data_args(p)
+    p.add_argument("--val-data", metavar="PATH", help="validation file (instead of the random split)")
+    p.add_argument("--test-data", metavar="PATH", help="test file (instead of the random split)")
+    p.add_argument("--split", default="0.9,0.05,0.05", help="train,val,test fractions [%(default)s]")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    p.add_argument("--model", default="exact", help="model type [%(default)s]")
+    p.add_argument("--init", default=None, metavar="WEIGHTS",
+                   help="fine-tune from these weights: 0.3.0 or a checkpoint")
+    p.add_argument("--freeze", default="", metavar="GROUPS",
+                   help="comma-separated parameter groups to keep fixed: embedding, block0..blockN, "
+                        "magmom, readout, or parameter-name prefixes")
+    p.add_argument("--refit-atomref", action="store_true",
+                   help="with --init: refit the per-element reference energies on the training set")
+    p.add_argument("--epochs", type=int, default=10, help="total number of epochs [%(default)s]")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="structures per optimiser step on this device [%(default)s]")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate [batch_size / 128 * 3e-4]")
+    p.add_argument("--min-lr-ratio", type=float, default=0.01,
+                   help="cosine schedule ends at this fraction of --lr [%(default)s]")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps [%(default)s]")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this")
+    p.add_argument("--loss", default="huber", choices=["huber", "mse", "mae"])
+    p.add_argument("--delta", type=float, default=0.1, help="Huber delta [%(default)s]")
+    p.add_argument("--weights", default="2,1.5,0.1,0.1", metavar="E,F,S,M",
+                   help="loss prefactors of energy, forces, stress, magmom [%(default)s]")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp64", "tf32"],
+                   help="fp32 (default), fp64, or tf32 matmuls on CUDA")
+    p.add_argument("--seed", type=int, default=0)
+    _add_device_arg(p)
+    p.add_argument("--out", default="runs/train", help="run directory [%(default)s]")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out up to --epochs")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes [0 on CPU, 4 on CUDA]")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                   help="also write last.pt every STEPS steps (0: at epoch ends only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="no parity plots")
+    p.set_defaults(func=_run_train)
+
+
+def _floats_arg(text: str, n: int, what: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{what} must be {n} comma-separated numbers, got {text!r}") from None
+    if len(vals) != n:
+        raise ValueError(f"{what} must be {n} comma-separated numbers, got {text!r}")
+    return vals
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from fastchgnet.train.trainer import TrainConfig, train
+
+    e, f, s, m = _floats_arg(args.weights, 4, "--weights")
+    cfg = TrainConfig(
+        data=args.data, format=args.format, val_data=args.val_data, test_data=args.test_data,
+        split=tuple(_floats_arg(args.split, 3, "--split")), limit=args.limit, model=args.model,
+        init=args.init, freeze=tuple(x for x in args.freeze.split(",") if x),
+        refit_atom_ref=args.refit_atomref, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, loss=args.loss, delta=args.delta,
+        prefactors={"e": e, "f": f, "s": s, "m": m}, precision=args.precision, seed=args.seed,
+        device=args.device, out=args.out, cache=args.cache, workers=args.workers,
+        skip_bad=args.skip_bad, checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress, plots=not args.no_plots, resume=args.resume)
+    train(cfg)
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="MAEs of a checkpoint on a dataset",
+                       description="Evaluate a model (0.3.0 or a checkpoint) on a dataset: MAE table, "
+                                   "a JSON report and parity plots.")
+    p.add_argument("model", help="0.3.0 or a checkpoint path (e.g. runs/train/best.pt)")
+    _add_data_args(p)
+    p.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    p.add_argument("--batch-size", type=int, default=32)
+    _add_device_arg(p)
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write eval.json and parity plots here")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from fastchgnet.train.data import GraphDataset
+    from fastchgnet.train.report import mae_table, parity_plots
+    from fastchgnet.train.trainer import _json_safe, evaluate, prepare_data
+
+    device = _device(args.device)
+    model = _load(args.model, device)
+    cache = prepare_data(args.data, format=args.format, cache_root=args.cache, skip_bad=args.skip_bad,
+                         atom_cutoff=model.config.atom_graph_cutoff,
+                         bond_cutoff=model.config.bond_graph_cutoff)
+    n = len(cache) if args.limit is None else min(args.limit, len(cache))
+    ds = GraphDataset(cache, range(n))
+    res = evaluate(model, ds, batch_size=args.batch_size, device=device, collect=args.out is not None)
+    result = {"model": str(args.model), "data": args.data or "built-in", "n_test": res["n"],
+              **{k: res[k] for k in ("loss", "e_mae", "f_mae", "s_mae", "m_mae")}}
+    print(mae_table(result))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        result["plots"] = [str(p) for p in parity_plots(res, out)]
+        (out / "eval.json").write_text(json.dumps(_json_safe(result), indent=1) + "\n")
+        print(f"# saved {out / 'eval.json'} and {len(result['plots'])} parity plots")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # parser
 
-COMMANDS: list[AddCommand] = [_add_bench, _add_predict, _add_demo]
+COMMANDS: list[AddCommand] = [_add_bench, _add_predict, _add_demo, _add_train, _add_evaluate]
 
 
 def register_command(add: AddCommand) -> None:
@@ -253,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"fastchgnet {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -86,16 +86,24 @@ def _label_arrays(sample: Any, n: int) -> tuple[float, np.ndarray, np.ndarray, n
 
 def _write_shard(args: tuple) -> tuple[int, int]:
     """Build the graphs of one chunk of samples and write them as a shard (runs in a worker)."""
-    samples, out_dir, atom_cutoff, bond_cutoff, on_isolated = args
+    samples, out_dir, atom_cutoff, bond_cutoff, on_isolated, skip_bad = args
     out_dir = Path(out_dir)
+    skipped: list[dict[str, str]] = []
     cols: dict[str, list[np.ndarray]] = {k: [] for k in
                                          (*_ATOM_FIELDS, *_BOND_FIELDS, *_ANGLE_FIELDS, *_SAMPLE_FIELDS)}
-    counts = np.zeros((len(samples), 3), dtype=np.int64)
+    counts = np.zeros((len(samples), 3), dtype=np.int64)  # trimmed to the kept samples below
     ids = []
-    for i, smp in enumerate(samples):
-        sid = str(getattr(smp, "id", i))
-        g = build_graph(smp.structure, atom_cutoff=atom_cutoff, bond_cutoff=bond_cutoff,
-                        graph_id=sid, on_isolated_atoms=on_isolated)
+    for smp in samples:
+        sid = str(getattr(smp, "id", len(ids) + len(skipped)))
+        try:
+            g = build_graph(smp.structure, atom_cutoff=atom_cutoff, bond_cutoff=bond_cutoff,
+                            graph_id=sid, on_isolated_atoms=on_isolated)
+        except ValueError as exc:
+            if not skip_bad:
+                raise
+            skipped.append({"id": sid, "reason": str(exc)})
+            continue
+        i = len(ids)
         e, f, s, m, has = _label_arrays(smp, g.n_atoms)
         cols["forces"].append(f)
         cols["magmom"].append(m)
@@ -107,6 +115,7 @@ def _write_shard(args: tuple) -> tuple[int, int]:
         cols["has"].append(has[None])
         counts[i] = (g.n_atoms, g.n_bonds, g.n_angles)
         ids.append(sid)
+    counts = counts[: len(ids)]
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
     for table in (_ATOM_FIELDS, _BOND_FIELDS, _ANGLE_FIELDS, _SAMPLE_FIELDS):
         for name, (dtype, shape) in table.items():
@@ -115,6 +124,7 @@ def _write_shard(args: tuple) -> tuple[int, int]:
     for k, name in enumerate(("atom_ptr", "bond_ptr", "angle_ptr")):
         np.save(tmp / f"{name}.npy", np.concatenate([[0], np.cumsum(counts[:, k])]).astype(np.int64))
     (tmp / "ids.json").write_text(json.dumps(ids))
+    (tmp / "skipped.json").write_text(json.dumps(skipped))
     os.replace(tmp, out_dir)  # a shard appears whole or not at all
     return len(samples), int(counts[:, 1].sum())
 
@@ -129,7 +139,9 @@ def build_cache(
     shard_size: int = 2048,
     workers: int | None = None,
     on_isolated_atoms: str = "error",
+    skip_bad: bool = False,
     progress: Callable[[int], None] | None = None,
+    meta_extra: Callable[[], dict[str, Any]] | None = None,
 ) -> "GraphCache":
     """Build (or reuse) the cache of ``samples`` under ``root``; return it opened.
 
@@ -137,7 +149,9 @@ def build_cache(
     ``forces``, ``stress`` (GPa), ``magmom`` and an ``id`` (e.g. from
     :mod:`fastchgnet.data.readers`). Shards are built by ``workers`` processes (default: all CPUs);
     a shard already on disk (from an interrupted build) is kept. A structure that cannot be
-    converted raises ValueError naming its id.
+    converted raises ValueError naming its id; with ``skip_bad=True`` it is left out instead and
+    listed (id and reason) in :attr:`GraphCache.skipped`. ``meta_extra()``, called once all
+    samples are consumed, adds entries to ``meta.json`` (e.g. the reader's skip statistics).
     """
     key = cache_key(source_hash, atom_cutoff, bond_cutoff)
     path = Path(root) / key
@@ -152,10 +166,12 @@ def build_cache(
         for smp in samples:
             chunk.append(smp)
             if len(chunk) >= shard_size:
-                yield (chunk, str(path / f"shard-{k:05d}"), atom_cutoff, bond_cutoff, on_isolated_atoms)
+                yield (chunk, str(path / f"shard-{k:05d}"), atom_cutoff, bond_cutoff,
+                       on_isolated_atoms, skip_bad)
                 chunk, k = [], k + 1
         if chunk or k == 0:
-            yield (chunk, str(path / f"shard-{k:05d}"), atom_cutoff, bond_cutoff, on_isolated_atoms)
+            yield (chunk, str(path / f"shard-{k:05d}"), atom_cutoff, bond_cutoff, on_isolated_atoms,
+                   skip_bad)
 
     n_shards = 0
     todo = []
@@ -191,9 +207,15 @@ def build_cache(
                 progress(n)
     sizes = [len(json.loads((path / f"shard-{i:05d}" / "ids.json").read_text()))
              for i in range(n_shards)]
+    skipped = []
+    for i in range(n_shards):
+        f = path / f"shard-{i:05d}" / "skipped.json"
+        if f.is_file():
+            skipped.extend(json.loads(f.read_text()))
     meta = {"format": CACHE_FORMAT, "rules": GRAPH_RULES, "source_hash": source_hash,
             "atom_cutoff": float(atom_cutoff), "bond_cutoff": float(bond_cutoff),
-            "shard_sizes": sizes, "n_samples": int(sum(sizes))}
+            "shard_sizes": sizes, "n_samples": int(sum(sizes)), "skipped": skipped,
+            **(meta_extra() if meta_extra else {})}
     tmp = path / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, path / "meta.json")
@@ -218,6 +240,16 @@ class GraphCache:
 
     def __len__(self) -> int:
         return int(self._starts[-1])
+
+    @property
+    def skipped(self) -> list[dict[str, str]]:
+        """Samples left out when the cache was built with ``skip_bad=True``: id and reason."""
+        return list(self.meta.get("skipped", []))
+
+    @property
+    def ids(self) -> list[str]:
+        """The id of every sample, in order."""
+        return [sid for k in range(len(self.shard_sizes)) for sid in self._shard(k)["ids"]]
 
     @property
     def atom_cutoff(self) -> float:
@@ -252,6 +284,31 @@ class GraphCache:
         sizes = np.concatenate(out) if out else np.zeros((0, 3), dtype=np.int64)
         sizes[:, 1] *= 2  # directed bonds
         return sizes
+
+    def composition_counts(self, max_z: int = 94) -> np.ndarray:
+        """(n_samples, max_z) number of atoms of each element (column ``Z - 1``) in every sample."""
+        out = []
+        for k in range(len(self.shard_sizes)):
+            sh = self._shard(k)
+            n = len(sh["ids"])
+            counts = np.zeros((n, max_z), dtype=np.int64)
+            owner = np.repeat(np.arange(n), np.diff(sh["atom_ptr"]))
+            z = np.asarray(sh["atomic_numbers"], dtype=np.int64)
+            if len(z) and (z.min() < 1 or z.max() > max_z):
+                raise ValueError(f"{self.path}: atomic numbers outside 1..{max_z}")
+            np.add.at(counts, (owner, z - 1), 1)
+            out.append(counts)
+        return np.concatenate(out) if out else np.zeros((0, max_z), dtype=np.int64)
+
+    def energies(self) -> np.ndarray:
+        """(n_samples,) energy labels in eV/atom, NaN where a sample has none."""
+        out = []
+        for k in range(len(self.shard_sizes)):
+            sh = self._shard(k)
+            e = np.asarray(sh["energy"], dtype=np.float64).copy()
+            e[~np.asarray(sh["has"])[:, 0]] = np.nan
+            out.append(e)
+        return np.concatenate(out) if out else np.zeros(0)
 
     def __getitem__(self, index: int) -> CachedSample:
         sh, i = self._locate(index)
@@ -290,10 +347,17 @@ class GraphCache:
 
 
 def open_or_build(samples_fn: Callable[[], Iterable[Any]], source: str | os.PathLike,
-                  root: str | os.PathLike, **kwargs: Any) -> GraphCache:
-    """Cache of a dataset file: keyed by the file's content hash; ``samples_fn()`` is called only
-    when the cache has to be built."""
+                  root: str | os.PathLike, options: dict[str, Any] | None = None,
+                  **kwargs: Any) -> GraphCache:
+    """Cache of a dataset file: keyed by the file's content hash and ``options`` (everything else
+    that changes the samples, e.g. the reader's key names and units, JSON-serialisable);
+    ``samples_fn()`` is called only when the cache has to be built."""
     h = file_hash(source)
+    if options:
+        spec = json.dumps({"file": h, "options": options}, sort_keys=True, default=str)
+        h = hashlib.sha256(spec.encode()).hexdigest()
+    if kwargs.get("skip_bad"):
+        h = hashlib.sha256((h + ":skip_bad").encode()).hexdigest()
     key = cache_key(h, kwargs.get("atom_cutoff", 6.0), kwargs.get("bond_cutoff", 3.0))
     if (Path(root) / key / "meta.json").is_file():
         return GraphCache(Path(root) / key)

@@ -1,4 +1,7 @@
-"""Training utilities: labels, loss, metrics, optimizer and learning-rate schedule."""
+"""Training: datasets and prefetch, loss and metrics, optimizer and schedule, the trainer.
+
+``fastchgnet.train.train(...)`` (or ``fastchgnet train`` on the command line) runs a whole job.
+"""
 
 from fastchgnet.train.loss import (
     DEFAULT_PREFACTORS,
@@ -8,8 +11,22 @@ from fastchgnet.train.loss import (
     collate_targets,
 )
 from fastchgnet.train.schedule import WarmupCosine, default_lr, make_optimizer, make_scheduler
+from fastchgnet.train.data import Collator, DevicePrefetcher, EpochBatchSampler, GraphDataset, split_indices
+from fastchgnet.train.trainer import TrainConfig, Trainer, evaluate, fit_atom_ref, freeze, prepare_data, train
 
 __all__ = [
+    "Collator",
+    "DevicePrefetcher",
+    "EpochBatchSampler",
+    "GraphDataset",
+    "TrainConfig",
+    "Trainer",
+    "evaluate",
+    "fit_atom_ref",
+    "freeze",
+    "prepare_data",
+    "split_indices",
+    "train",
     "DEFAULT_PREFACTORS",
     "EFSMLoss",
     "MAEAccumulator",

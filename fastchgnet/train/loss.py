@@ -69,6 +69,11 @@ class Targets:
         """Move to a device; label values (floating tensors) to ``dtype``. Masks stay bool."""
         return Targets(**fields_to(self, device, dtype, non_blocking))
 
+    def pin_memory(self) -> "Targets":
+        """Page-locked copy (DataLoader ``pin_memory=True`` calls this)."""
+        return Targets(**{k: (v.pin_memory() if isinstance(v, Tensor) else v)
+                          for k, v in vars(self).items()})
+
     @property
     def device(self) -> torch.device | None:
         for k in TARGET_KEYS:

@@ -1,0 +1,732 @@
+"""The training loop: one device (the distributed issue spreads it over ranks).
+
+:func:`train` is the whole job behind ``fastchgnet train``: read the data into the graph cache,
+split it, build (or load) the model, fit the AtomRef, train with Adam and a cosine schedule,
+validate every epoch, write checkpoints and ``metrics.csv``, and at the end evaluate the best
+checkpoint on the test set (``test.json`` and parity plots).
+
+Run directory (``--out``)::
+
+    config.json     the TrainConfig of the run
+    split.json      the cache indices of the train / val / test samples
+    train.log       the log
+    metrics.csv     one row per epoch
+    last.pt         model + optimiser + scheduler + epoch/step + RNG (written atomically)
+    best.pt         the model with the lowest validation loss (loadable by load_model)
+    test.json       test-set MAEs (and the per-element baseline) of best.pt
+    parity_*.png    parity plots of energy, forces, stress and magnetic moments
+
+Checkpoints are written at the end of every epoch (and every ``checkpoint_every`` steps when set)
+with a temporary file and a rename, so a run killed at any moment resumes from an intact file.
+Batches depend only on ``(seed, epoch)``: ``resume=True`` continues exactly where the checkpoint
+was written, even in the middle of an epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fastchgnet.data.cache import GraphCache, open_or_build
+from fastchgnet.model.config import CHGNetConfig
+from fastchgnet.model.exact import CHGNet
+from fastchgnet.model.weights import MODEL_TYPES, load_model, save_checkpoint
+from fastchgnet.train.data import Collator, DevicePrefetcher, EpochBatchSampler, GraphDataset, split_indices
+from fastchgnet.train.loss import DEFAULT_PREFACTORS, EFSMLoss, MAEAccumulator
+from fastchgnet.train.schedule import default_lr, make_optimizer, make_scheduler
+
+__all__ = ["TrainConfig", "Trainer", "evaluate", "fit_atom_ref", "freeze", "prepare_data", "train"]
+
+PRECISIONS = ("fp32", "fp64", "tf32")
+METRIC_COLUMNS = ("epoch", "step", "time_s", "lr", "train_loss", "val_loss", "val_e_mae",
+                  "val_f_mae", "val_s_mae", "val_m_mae", "structures_per_s")
+STATE_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (the ``fastchgnet train`` options).
+
+    ``batch_size`` is the number of structures per optimiser step on this device. ``lr=None``
+    takes the paper's rule ``batch_size / 128 * 3e-4``. ``data=None`` trains on the built-in
+    dataset. ``val_data`` / ``test_data`` replace the random split's validation / test parts.
+    """
+
+    data: str | None = None
+    format: str = "auto"
+    val_data: str | None = None
+    test_data: str | None = None
+    split: tuple[float, float, float] = (0.9, 0.05, 0.05)
+    limit: int | None = None  # use only this many samples of `data` (quick runs)
+    model: str = "exact"
+    model_config: dict[str, Any] = field(default_factory=dict)  # CHGNetConfig overrides
+    init: str | None = None  # "0.3.0" or a checkpoint: fine-tune from these weights
+    freeze: tuple[str, ...] = ()  # parameter groups or name prefixes kept fixed
+    refit_atom_ref: bool = False  # with init: refit the AtomRef on the training set
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float | None = None
+    min_lr_ratio: float = 0.01
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    loss: str = "huber"
+    delta: float = 0.1
+    prefactors: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PREFACTORS))
+    precision: str = "fp32"
+    seed: int = 0
+    device: str = "auto"
+    out: str = "runs/train"
+    cache: str | None = None  # graph cache root (default: $FASTCHGNET_CACHE or ~/.cache/fastchgnet)
+    workers: int | None = None  # DataLoader workers (default: 0 on CPU, 4 on CUDA)
+    cache_workers: int | None = None  # processes that build the graph cache (default: all CPUs)
+    skip_bad: bool = False
+    checkpoint_every: int = 0  # also write last.pt every N steps (0: only at epoch ends)
+    eval_batch_size: int | None = None
+    progress: bool = True
+    plots: bool = True
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        self.split = tuple(float(x) for x in self.split)  # type: ignore[assignment]
+        self.freeze = tuple(self.freeze)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: use one of {PRECISIONS}")
+        if self.model not in MODEL_TYPES:
+            raise ValueError(f"unknown model {self.model!r}; known: {sorted(MODEL_TYPES)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch size must be >= 1 (got {self.epochs}, {self.batch_size})")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"learning rate must be positive, got {self.lr}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
+        if self.init is not None and self.model_config:
+            raise ValueError("model_config overrides cannot be combined with init (the checkpoint "
+                             "defines the architecture)")
+        unknown = set(self.prefactors) - set(DEFAULT_PREFACTORS)
+        if unknown:
+            raise ValueError(f"unknown loss prefactors {sorted(unknown)}; use e, f, s, m")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else default_lr(self.batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["split"] = list(self.split)
+        d["freeze"] = list(self.freeze)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+
+def default_cache_root() -> Path:
+    env = os.environ.get("FASTCHGNET_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "fastchgnet" / "graphs"
+
+
+def prepare_data(path: str | None, *, format: str = "auto", cache_root: str | os.PathLike | None = None,
+                 skip_bad: bool = False, atom_cutoff: float = 6.0, bond_cutoff: float = 3.0,
+                 workers: int | None = None, log: Callable[[str], None] = print) -> GraphCache:
+    """The graph cache of a dataset file (``None``: the built-in dataset), built on first use.
+
+    Bad entries stop with an error naming the file and entry, or with ``skip_bad`` are left out
+    and counted (the counts are logged and kept in the cache's ``meta.json``).
+    """
+    from fastchgnet.data.readers import read_dataset
+
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    stats: dict[str, Any] = {}
+    if path is None:
+        from fastchgnet.data.builtin import builtin_dataset_path, read_builtin
+
+        source = builtin_dataset_path()
+
+        def samples() -> Iterator[Any]:
+            return read_builtin(source, skip_bad=skip_bad, stats=stats)
+        fmt = "builtin"
+    else:
+        source = Path(path)
+        if not source.is_file():
+            raise FileNotFoundError(f"dataset {path} does not exist (or is not a file)")
+
+        def samples() -> Iterator[Any]:
+            return read_dataset(source, format=format, skip_bad=skip_bad, stats=stats)  # type: ignore[arg-type]
+        fmt = format
+
+    def meta_extra() -> dict[str, Any]:
+        return {"source": str(source), "reader": {k: v for k, v in stats.items()}}
+
+    t0 = time.perf_counter()
+    cache = open_or_build(samples, source, root, options={"format": fmt}, atom_cutoff=atom_cutoff,
+                          bond_cutoff=bond_cutoff, workers=workers, skip_bad=skip_bad,
+                          meta_extra=meta_extra)
+    built = time.perf_counter() - t0
+    reader = cache.meta.get("reader", {})
+    msg = f"data {source}: {len(cache)} samples (graph cache {cache.path}, {built:.1f} s)"
+    n_skip = int(reader.get("skipped", 0)) + len(cache.skipped)
+    if n_skip:
+        reasons = dict(reader.get("reasons", {}))
+        if cache.skipped:
+            reasons["graph"] = reasons.get("graph", 0) + len(cache.skipped)
+        msg += f"; skipped {n_skip} bad entries {reasons}"
+    log(msg)
+    if len(cache) == 0:
+        raise ValueError(f"{source}: no usable samples")
+    return cache
+
+
+# ------------------------------------------------------------------------------------------------
+# model set-up: AtomRef fit and freezing
+
+
+def fit_atom_ref(cache: GraphCache, indices: Sequence[int], max_z: int = 94,
+                 previous: Tensor | None = None) -> tuple[np.ndarray, float]:
+    """Per-element reference energies by least squares on the samples ``indices``.
+
+    Fits ``e_per_atom ≈ sum_Z fraction_Z * ref_Z`` (the reference's AtomRef). Elements absent
+    from the samples keep ``previous`` (or 0). Returns the (max_z,) references and the MAE of this
+    per-element baseline on the fitted samples (eV/atom).
+    """
+    idx = np.asarray(indices, dtype=np.int64)
+    counts = cache.composition_counts(max_z)[idx].astype(np.float64)
+    e = cache.energies()[idx]
+    ok = np.isfinite(e)
+    if not ok.any():
+        raise ValueError("no energy labels to fit the AtomRef on")
+    frac = counts[ok] / counts[ok].sum(1, keepdims=True)
+    present = frac.sum(0) > 0
+    ref = np.zeros(max_z) if previous is None else previous.detach().cpu().double().numpy().copy()
+    sol, *_ = np.linalg.lstsq(frac[:, present], e[ok], rcond=None)
+    ref[present] = sol
+    mae = float(np.abs(frac @ ref - e[ok]).mean())
+    return ref, mae
+
+
+def baseline_mae(cache: GraphCache, indices: Sequence[int], ref: np.ndarray) -> float:
+    """MAE (eV/atom) of the per-element-reference energy ``sum_Z fraction_Z * ref_Z``."""
+    idx = np.asarray(indices, dtype=np.int64)
+    counts = cache.composition_counts(len(ref))[idx].astype(np.float64)
+    e = cache.energies()[idx]
+    ok = np.isfinite(e)
+    if not ok.any():
+        return float("nan")
+    frac = counts[ok] / counts[ok].sum(1, keepdims=True)
+    return float(np.abs(frac @ ref - e[ok]).mean())
+
+
+def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Named groups of parameter-name prefixes: ``embedding``, ``block0`` ... ``blockN``, ``magmom``,
+    ``readout``."""
+    n = getattr(getattr(model, "config", None), "n_conv", 0)
+    groups = {"embedding": ["atom_embedding", "rbf_ag", "rbf_bg", "angle_basis", "bond_embed_ag",
+                            "bond_weights_bg", "angle_embedding"],
+              "magmom": ["site_wise"], "readout": ["readout_norm", "readout"]}
+    for i in range(n):
+        groups[f"block{i}"] = [f"atom_convs.{i}.", f"bond_convs.{i}.", f"angle_updates.{i}."]
+    return groups
+
+
+def freeze(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Fix (``requires_grad=False``) the parameters of the groups or name prefixes ``names``.
+
+    A name is a group of :func:`parameter_groups` (``embedding``, ``block0``, ...) or a prefix of
+    parameter names (``atom_convs.0``). Returns the frozen parameter names; a name that matches
+    nothing raises ValueError.
+    """
+    groups = parameter_groups(model)
+    params = dict(model.named_parameters())
+    frozen: list[str] = []
+    for name in names:
+        prefixes = groups.get(name, [name])
+        hit = [p for p in params if any(p == pre.rstrip(".") or p.startswith(pre.rstrip(".") + ".")
+                                        for pre in prefixes)]
+        if not hit:
+            raise ValueError(f"freeze {name!r} matches no parameter; groups: {sorted(groups)}, "
+                             f"or a prefix of: {sorted({p.split('.')[0] for p in params})}")
+        for p in hit:
+            params[p].requires_grad_(False)
+            frozen.append(p)
+    return sorted(set(frozen))
+
+
+def build_model(cfg: TrainConfig) -> CHGNet:
+    if cfg.init is not None:
+        model = load_model(cfg.init)
+        if model.model_type != cfg.model:
+            cls = MODEL_TYPES[cfg.model]
+            converted = cls(model.config)
+            converted.load_state_dict(model.state_dict(), strict=False)
+            model = converted
+        return model
+    return MODEL_TYPES[cfg.model](CHGNetConfig(**cfg.model_config))
+
+
+def resolve_device(name: str) -> torch.device:
+    from fastchgnet.bench import resolve_device as resolve
+
+    return torch.device(resolve(name))
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device: torch.device) -> Iterator[None]:
+    """TF32 matmuls for the duration of a run (restored afterwards; nothing global on import)."""
+    if precision != "tf32":
+        yield
+        return
+    if device.type != "cuda":
+        raise ValueError("precision tf32 needs a CUDA device (TF32 is a GPU tensor-core format)")
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate(model: CHGNet, dataset: GraphDataset, *, batch_size: int = 32,
+             device: torch.device | str | None = None, task: str = "efsm",
+             loss_fn: EFSMLoss | None = None, collect: bool = False,
+             workers: int = 0) -> dict[str, Any]:
+    """MAEs (and the weighted loss) of ``model`` on ``dataset``; forces by autograd, no
+    second-order graph. With ``collect=True`` also the labelled predictions and labels as numpy
+    arrays (``pred_e``/``true_e``, ...) for parity plots."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    loss_fn = loss_fn or EFSMLoss()
+    acc = MAEAccumulator()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_struct = 0
+    pairs: dict[str, list[np.ndarray]] = {f"{p}_{k}": [] for k in "efsm" for p in ("pred", "true")}
+    was_training = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=EpochBatchSampler(len(dataset), batch_size, shuffle=False),
+        collate_fn=Collator(dtype), num_workers=workers, pin_memory=device.type == "cuda")
+    try:
+        for batch, targets, _ in DevicePrefetcher(loader, device, dtype):
+            pred = model(batch, task=task, create_graph=False)
+            pred = {k: v.detach() for k, v in pred.items()}
+            loss, _ = loss_fn(pred, targets)
+            loss_sum += loss.detach().double() * batch.num_graphs
+            n_struct += batch.num_graphs
+            acc.update(pred, targets)
+            if collect:
+                _collect(pairs, pred, targets)
+    finally:
+        model.train(was_training)
+    out: dict[str, Any] = {"n": n_struct, "loss": float(loss_sum) / max(n_struct, 1), **acc.compute()}
+    if collect:
+        out.update({k: (np.concatenate(v) if v else np.zeros(0)) for k, v in pairs.items()})
+    return out
+
+
+def _collect(pairs: dict[str, list[np.ndarray]], pred: dict[str, Tensor], targets: Any) -> None:
+    ag = targets.atom_graph
+    for key in "efsm":
+        p, y = pred.get(key), getattr(targets, key)
+        if p is None or y is None:
+            continue
+        mask = getattr(targets, f"{key}_mask")
+        if key == "f" and mask is not None:
+            mask = mask.index_select(0, ag)
+        if mask is None:
+            mask = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
+        pairs[f"pred_{key}"].append(p[mask].reshape(-1).double().cpu().numpy())
+        pairs[f"true_{key}"].append(y[mask].reshape(-1).double().cpu().numpy())
+
+
+# ------------------------------------------------------------------------------------------------
+# the trainer
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Trainer:
+    """Trains ``model`` on ``train_set``, validating on ``val_set`` every epoch.
+
+    Use :func:`train` for the whole job from a :class:`TrainConfig`; use ``Trainer`` directly
+    from Python with your own model and datasets::
+
+        trainer = Trainer(model, TrainConfig(epochs=5, batch_size=8, out="runs/x"), train_ds, val_ds)
+        history = trainer.fit()
+    """
+
+    def __init__(self, model: CHGNet, config: TrainConfig, train_set: GraphDataset,
+                 val_set: GraphDataset | None = None, *, log: Callable[[str], None] | None = None,
+                 stop_after_steps: int | None = None) -> None:
+        self.cfg = config
+        self.device = resolve_device(config.device)
+        self.dtype = torch.float64 if config.precision == "fp64" else torch.float32
+        self.model = model.to(self.device, self.dtype)
+        self.train_set, self.val_set = train_set, val_set
+        self.out = Path(config.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._log_fn = log
+        # for tests: stop (as if killed) after this many optimiser steps of this process
+        self.stop_after_steps = stop_after_steps
+        self.loss_fn = EFSMLoss(**config.prefactors, delta=config.delta, loss=config.loss)
+        self.sampler = EpochBatchSampler(len(train_set), config.batch_size, shuffle=True, seed=config.seed)
+        self.steps_per_epoch = len(self.sampler)
+        self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, total_steps=config.epochs * self.steps_per_epoch,
+                                        warmup_steps=config.warmup_steps, min_lr_ratio=config.min_lr_ratio)
+        self.epoch = 0  # completed epochs
+        self.step = 0  # optimiser steps taken
+        self.step_in_epoch = 0
+        self.best_val = math.inf
+        self._epoch_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._epoch_count = 0
+        self._epoch_time = 0.0
+        workers = config.workers if config.workers is not None else (4 if self.device.type == "cuda" else 0)
+        self.workers = workers
+        self.collator = Collator(self.dtype)
+
+    # -- logging -------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self._log_fn is not None:
+            self._log_fn(msg)
+            return
+        print(msg, flush=True)
+        with open(self.out / "train.log", "a") as fh:
+            fh.write(msg + "\n")
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"state_version": STATE_VERSION, "epoch": self.epoch, "step": self.step,
+                "step_in_epoch": self.step_in_epoch, "best_val": self.best_val,
+                "epoch_loss": self._epoch_loss.detach().cpu(), "epoch_count": self._epoch_count,
+                "epoch_time": self._epoch_time,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": _rng_state(self.device), "train_config": self.cfg.to_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("state_version") != STATE_VERSION:
+            raise ValueError(f"unsupported trainer state version {state.get('state_version')!r}")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+        self.best_val = float(state["best_val"])
+        self._epoch_loss = state["epoch_loss"].to(self.device, torch.float64)
+        self._epoch_count = int(state["epoch_count"])
+        self._epoch_time = float(state.get("epoch_time", 0.0))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        # --epochs may have grown: the cosine runs to the new total
+        total = self.cfg.epochs * self.steps_per_epoch
+        for lam in self.scheduler.lr_lambdas:
+            if hasattr(lam, "total_steps") and lam.total_steps != total:
+                lam.total_steps = max(total, lam.warmup_steps)
+        _set_rng_state(state.get("rng", {}), self.device)
+
+    def save(self, path: Path, **extra: Any) -> Path:
+        """Model checkpoint (loadable by :func:`load_model`) plus the trainer state, atomically."""
+        return save_checkpoint(self.model, path, trainer=self.state_dict(), **extra)
+
+    def resume_from(self, path: str | os.PathLike) -> None:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if "trainer" not in ckpt:
+            raise ValueError(f"{path} has no trainer state (is it a best.pt or a model file?)")
+        self.model.load_state_dict(ckpt["state_dict"])
+        self.model.to(self.device, self.dtype)
+        self.load_state_dict(ckpt["trainer"])
+
+    # -- loop ----------------------------------------------------------------------------------
+    def _loader(self) -> torch.utils.data.DataLoader:
+        kw: dict[str, Any] = {}
+        if self.workers > 0:
+            kw.update(persistent_workers=False, prefetch_factor=4)
+        return torch.utils.data.DataLoader(self.train_set, batch_sampler=self.sampler,
+                                           collate_fn=self.collator, num_workers=self.workers,
+                                           pin_memory=self.device.type == "cuda", **kw)
+
+    def train_step(self, batch: Any, targets: Any) -> Tensor:
+        """One optimiser step; returns the loss (a device tensor, no host sync)."""
+        self.model.train()
+        pred = self.model(batch, task="efsm", create_graph=True)
+        loss, _ = self.loss_fn(pred, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach()
+
+    def validate(self) -> dict[str, Any]:
+        if self.val_set is None or len(self.val_set) == 0:
+            return {"loss": float("nan"), "e_mae": float("nan"), "f_mae": float("nan"),
+                    "s_mae": float("nan"), "m_mae": float("nan"), "n": 0}
+        return evaluate(self.model, self.val_set, batch_size=self.cfg.eval_batch_size or 2 * self.cfg.batch_size,
+                        device=self.device, loss_fn=self.loss_fn)
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train up to ``config.epochs`` epochs (from the current state); returns the metric rows
+        of the epochs run now. Returns early (as if killed) after ``stop_after_steps`` steps."""
+        from tqdm.auto import tqdm
+
+        rows: list[dict[str, Any]] = []
+        with precision_context(self.cfg.precision, self.device):
+            while self.epoch < self.cfg.epochs:
+                e = self.epoch
+                self.sampler.set_epoch(e)
+                start = self.step_in_epoch
+                self.sampler.skip(start)
+                if start == 0:
+                    self._epoch_loss.zero_()
+                    self._epoch_count, self._epoch_time = 0, 0.0
+                t0 = time.perf_counter()
+                bar = tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {e + 1}/{self.cfg.epochs}",
+                           disable=not self.cfg.progress, leave=False, dynamic_ncols=True, unit="step",
+                           file=sys.stderr)
+                for batch, targets, _ in DevicePrefetcher(self._loader(), self.device, self.dtype):
+                    loss = self.train_step(batch, targets)
+                    self._epoch_loss += loss.double() * batch.num_graphs
+                    self._epoch_count += batch.num_graphs
+                    self.step += 1
+                    self.step_in_epoch += 1
+                    bar.update(1)
+                    if self.cfg.progress and (self.step_in_epoch % 10 == 0):
+                        bar.set_postfix(loss=f"{float(self._epoch_loss) / max(self._epoch_count, 1):.4f}")
+                    if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 \
+                            and self.step_in_epoch < self.steps_per_epoch:
+                        self._epoch_time += time.perf_counter() - t0
+                        t0 = time.perf_counter()
+                        self.save(self.out / "last.pt")
+                    if self.stop_after_steps is not None and self.step >= self.stop_after_steps:
+                        bar.close()
+                        return rows
+                bar.close()
+                self._epoch_time += time.perf_counter() - t0
+                row = self._end_epoch()
+                rows.append(row)
+        return rows
+
+    def _end_epoch(self) -> dict[str, Any]:
+        train_loss = float(self._epoch_loss) / max(self._epoch_count, 1)
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(
+                f"epoch {self.epoch + 1}: training loss is {train_loss}; lower the learning rate "
+                "(--lr) or set --grad-clip; last.pt still holds the previous epoch")
+        val = self.validate()
+        self.epoch += 1
+        self.step_in_epoch = 0
+        row = {"epoch": self.epoch, "step": self.step, "time_s": self._epoch_time,
+               "lr": self.optimizer.param_groups[0]["lr"], "train_loss": train_loss,
+               "val_loss": val["loss"], "val_e_mae": val["e_mae"], "val_f_mae": val["f_mae"],
+               "val_s_mae": val["s_mae"], "val_m_mae": val["m_mae"],
+               "structures_per_s": self._epoch_count / max(self._epoch_time, 1e-9)}
+        self._write_metrics(row)
+        improved = math.isfinite(val["loss"]) and val["loss"] < self.best_val
+        if improved:
+            self.best_val = val["loss"]
+        self.save(self.out / "last.pt")
+        if improved or not (self.out / "best.pt").exists():
+            save_checkpoint(self.model, self.out / "best.pt", epoch=self.epoch, val=val)
+        self.log(f"epoch {self.epoch:>3}/{self.cfg.epochs}  {row['time_s']:7.1f} s  lr {row['lr']:.2e}  "
+                 f"train {train_loss:.4f}  val {val['loss']:.4f}  MAE e {_fmt(val['e_mae'] * 1e3)} meV/atom  "
+                 f"f {_fmt(val['f_mae'] * 1e3)} meV/A  s {_fmt(val['s_mae'])} GPa  m {_fmt(val['m_mae'])} muB"
+                 + ("  *" if improved else ""))
+        return row
+
+    def _write_metrics(self, row: dict[str, Any]) -> None:
+        path = self.out / "metrics.csv"
+        rows = read_metrics(path)
+        rows = [r for r in rows if int(r["epoch"]) < row["epoch"]]  # drop rows a resumed run redoes
+        rows.append({k: row[k] for k in METRIC_COLUMNS})
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
+            w.writeheader()
+            for r in rows:
+                w.writerow(r)
+        os.replace(tmp, path)
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf (a target without labels) as null, so the file is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _fmt(v: float) -> str:
+    return "-" if not math.isfinite(v) else f"{v:.3g}"
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole job
+
+
+def train(config: TrainConfig | None = None, *, log: Callable[[str], None] | None = None,
+          stop_after_steps: int | None = None, **overrides: Any) -> dict[str, Any]:
+    """Run a training job (``fastchgnet train``); returns the test metrics (``test.json``).
+
+    ``train(epochs=3, batch_size=8, out="runs/x")`` or ``train(TrainConfig(...))``. With
+    ``resume=True`` the run in ``out`` continues from its ``last.pt`` up to ``epochs``; the other
+    options are taken from the saved run (a differing ``epochs`` extends or shortens it).
+    """
+    if config is None:
+        config = TrainConfig(**overrides)
+    elif overrides:
+        config = TrainConfig.from_dict({**config.to_dict(), **overrides})
+    out = Path(config.out)
+    last = out / "last.pt"
+    if config.resume:
+        if not last.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint {last}")
+        saved = torch.load(last, map_location="cpu", weights_only=True)["trainer"]["train_config"]
+        keep = {"epochs": config.epochs, "resume": True, "progress": config.progress,
+                "device": config.device, "workers": config.workers, "plots": config.plots}
+        config = TrainConfig.from_dict({**saved, **keep})
+    elif last.is_file():
+        raise FileExistsError(f"{out} already holds a run (last.pt): pass --resume to continue it "
+                              "or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    logf = out / "train.log"
+
+    def _log(msg: str) -> None:
+        if log is not None:
+            log(msg)
+        else:
+            print(msg, flush=True)
+        with open(logf, "a") as fh:
+            fh.write(msg + "\n")
+
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    model = build_model(config)
+    cutoffs = {"atom_cutoff": model.config.atom_graph_cutoff, "bond_cutoff": model.config.bond_graph_cutoff}
+    data_kw = dict(format=config.format, cache_root=config.cache, skip_bad=config.skip_bad,
+                   workers=config.cache_workers, log=_log, **cutoffs)
+    cache = prepare_data(config.data, **data_kw)
+    n = len(cache) if config.limit is None else min(config.limit, len(cache))
+    fractions = list(config.split)
+    if config.val_data is not None:
+        fractions[0] += fractions[1]
+        fractions[1] = 0.0
+    if config.test_data is not None:
+        fractions[0] += fractions[2]
+        fractions[2] = 0.0
+    tr, va, te = split_indices(n, fractions, seed=config.seed)
+    train_set = GraphDataset(cache, tr)
+    val_set = (GraphDataset(prepare_data(config.val_data, **{**data_kw, "format": "auto"}))
+               if config.val_data is not None else GraphDataset(cache, va))
+    test_set = (GraphDataset(prepare_data(config.test_data, **{**data_kw, "format": "auto"}))
+                if config.test_data is not None else GraphDataset(cache, te))
+    (out / "split.json").write_text(json.dumps({"cache": str(cache.path), "train": tr.tolist(),
+                                                "val": va.tolist(), "test": te.tolist()}))
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+
+    if not config.resume:
+        if model.atom_ref is not None and (config.init is None or config.refit_atom_ref):
+            ref, mae = fit_atom_ref(cache, tr, model.config.max_num_elements,
+                                    previous=model.atom_ref if config.init is not None else None)
+            with torch.no_grad():
+                model.atom_ref.copy_(torch.as_tensor(ref, dtype=model.atom_ref.dtype))
+            _log(f"AtomRef fitted on {len(tr)} training structures: baseline MAE {mae * 1e3:.1f} meV/atom")
+    if config.freeze:
+        frozen = freeze(model, config.freeze)
+        _log(f"frozen: {len(frozen)} parameter tensors ({', '.join(config.freeze)})")
+
+    trainer = Trainer(model, config, train_set, val_set, log=_log, stop_after_steps=stop_after_steps)
+    if config.resume:
+        trainer.resume_from(last)
+        _log(f"resumed {last}: epoch {trainer.epoch}, step {trainer.step} "
+             f"({trainer.step_in_epoch} steps into the epoch)")
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _log(f"model {config.model}: {n_train:,} trainable parameters; {len(train_set)} train / "
+         f"{len(val_set)} val / {len(test_set)} test structures; batch {config.batch_size}, "
+         f"lr {config.learning_rate:.3g}, {trainer.steps_per_epoch} steps/epoch, {config.epochs} epochs, "
+         f"{device}, {config.precision}")
+    trainer.fit()
+    if stop_after_steps is not None and trainer.epoch < config.epochs:
+        return {}
+    return finish(trainer, cache, test_set, tr, log=_log)
+
+
+def finish(trainer: Trainer, cache: GraphCache, test_set: GraphDataset, train_indices: np.ndarray,
+           *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate best.pt on the test set; write test.json and the parity plots."""
+    out = trainer.out
+    cfg = trainer.cfg
+    best = load_model(out / "best.pt", device=trainer.device)
+    result: dict[str, Any] = {"checkpoint": str(out / "best.pt"), "n_test": len(test_set)}
+    if len(test_set):
+        res = evaluate(best, test_set, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+                       device=trainer.device, loss_fn=trainer.loss_fn, collect=True)
+        result.update({k: res[k] for k in ("loss", "e_mae", "f_mae", "s_mae", "m_mae")})
+        if best.atom_ref is not None:
+            result["baseline_e_mae"] = baseline_mae(test_set.cache, test_set.indices,
+                                                    best.atom_ref.detach().cpu().double().numpy())
+        if cfg.plots:
+            from fastchgnet.train.report import parity_plots
+
+            result["plots"] = [str(p) for p in parity_plots(res, out)]
+    result["units"] = {"e_mae": "eV/atom", "f_mae": "eV/A", "s_mae": "GPa", "m_mae": "muB"}
+    tmp = out / "test.json.tmp"
+    tmp.write_text(json.dumps(_json_safe(result), indent=1) + "\n")
+    os.replace(tmp, out / "test.json")
+    from fastchgnet.train.report import mae_table
+
+    log(mae_table(result))
+    log(f"checkpoint: {out / 'best.pt'}   metrics: {out / 'metrics.csv'}   test: {out / 'test.json'}")
+    if result.get("plots"):
+        log("parity plots: " + ", ".join(result["plots"]))
+    return result
