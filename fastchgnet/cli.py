@@ -277,6 +277,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out up to --epochs")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader worker processes [0 on CPU, 4 on CUDA]")
+    p.add_argument("--cache-workers", type=int, default=None,
+                   help="processes that build the graph cache [all CPUs]")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="also write last.pt every STEPS steps (0: at epoch ends only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -307,6 +309,7 @@ def _run_train(args: argparse.Namespace) -> int:
         grad_clip=args.grad_clip, loss=args.loss, delta=args.delta,
         prefactors={"e": e, "f": f, "s": s, "m": m}, precision=args.precision, seed=args.seed,
         device=args.device, out=args.out, cache=args.cache, workers=args.workers,
+        cache_workers=args.cache_workers,
         skip_bad=args.skip_bad, checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress, plots=not args.no_plots, resume=args.resume)
     train(cfg)

@@ -191,6 +191,15 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, xyz, checkpoint_every):
             assert float(x[col]) == pytest.approx(float(y[col]), rel=1e-6), col
 
 
+def test_dataloader_workers_give_the_same_run(tmp_path, xyz):
+    a = _cfg(tmp_path / "a", xyz, epochs=1, cache=str(tmp_path / "cache"))
+    b = _cfg(tmp_path / "b", xyz, epochs=1, cache=str(tmp_path / "cache"), workers=1)
+    train(a, log=lambda m: None)
+    train(b, log=lambda m: None)
+    pa, pb = _params(Path(a.out)), _params(Path(b.out))
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
 def test_resume_can_extend_the_number_of_epochs(tmp_path, xyz):
     cfg = _cfg(tmp_path, xyz, epochs=1)
     train(cfg, log=lambda m: None)
