@@ -314,3 +314,44 @@ def test_mlearn_si_training_beats_the_per_element_baseline(tmp_path):
     assert loss[-1] < loss[0]
     assert result["n_test"] == 25
     assert result["e_mae"] < 0.5 * result["baseline_e_mae"], result
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tf32_accuracy_holds_on_cuda(tmp_path, xyz):
+    """tf32 is offered because this holds: 0.3.0 predictions with TF32 matmuls stay within a few
+    meV/atom and tens of meV/Å of float32, and a tf32 run trains."""
+    import fastchgnet
+    from fastchgnet.data import build_graphs, collate
+    from fastchgnet.train.trainer import precision_context
+
+    model = fastchgnet.load_model("0.3.0", device="cuda")
+    batch = collate(build_graphs(random_structures(8, seed=15, max_atoms=24))).to("cuda")
+    before = torch.backends.cuda.matmul.allow_tf32
+    ref = model(batch, task="efsm")
+    with precision_context("tf32", torch.device("cuda")):
+        assert torch.backends.cuda.matmul.allow_tf32
+        out = model(batch, task="efsm")
+    assert torch.backends.cuda.matmul.allow_tf32 == before  # restored
+    assert (out["e"] - ref["e"]).abs().max() < 5e-3
+    assert (out["f"] - ref["f"]).abs().max() < 5e-2
+    assert (out["m"] - ref["m"]).abs().max() < 5e-3
+    train(_cfg(tmp_path, xyz, epochs=1, precision="tf32", device="cuda"), log=lambda m: None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_prefetcher_copies_pinned_batches_on_a_side_stream(tmp_path):
+    from fastchgnet.train.data import DevicePrefetcher
+
+    structs = random_structures(12, seed=3, max_atoms=8)
+    cache = build_cache(samples_from_structures(structs, energies=[-1.0] * 12), tmp_path,
+                        source_hash="pf", workers=1)
+    ds = GraphDataset(cache)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=EpochBatchSampler(12, 5, shuffle=False),
+                                         collate_fn=Collator(), pin_memory=True)
+    got = list(DevicePrefetcher(loader, "cuda"))
+    want = list(loader)
+    assert len(got) == len(want) == 3
+    for (b, t, ids), (b0, t0, ids0) in zip(got, want):
+        assert b.positions.is_cuda and t.e.is_cuda and ids == ids0
+        assert torch.equal(b.positions.cpu(), b0.positions) and torch.equal(b.bond_src.cpu(), b0.bond_src)
+        assert torch.equal(t.e.cpu(), t0.e)
