@@ -426,6 +426,7 @@ class Trainer:
         workers = config.workers if config.workers is not None else (4 if self.device.type == "cuda" else 0)
         self.workers = workers
         self.collator = Collator(self.dtype)
+        self._train_loader: torch.utils.data.DataLoader | None = None
 
     # -- logging -------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -477,12 +478,16 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------------
     def _loader(self) -> torch.utils.data.DataLoader:
-        kw: dict[str, Any] = {}
-        if self.workers > 0:
-            kw.update(persistent_workers=False, prefetch_factor=4)
-        return torch.utils.data.DataLoader(self.train_set, batch_sampler=self.sampler,
-                                           collate_fn=self.collator, num_workers=self.workers,
-                                           pin_memory=self.device.type == "cuda", **kw)
+        """One DataLoader for the whole run: its workers persist across epochs (the batch
+        sampler runs in this process, so ``set_epoch``/``skip`` take effect at each iteration)."""
+        if self._train_loader is None:
+            kw: dict[str, Any] = {}
+            if self.workers > 0:
+                kw.update(persistent_workers=True, prefetch_factor=4)
+            self._train_loader = torch.utils.data.DataLoader(
+                self.train_set, batch_sampler=self.sampler, collate_fn=self.collator,
+                num_workers=self.workers, pin_memory=self.device.type == "cuda", **kw)
+        return self._train_loader
 
     def train_step(self, batch: Any, targets: Any) -> Tensor:
         """One optimiser step; returns the loss (a device tensor, no host sync)."""
