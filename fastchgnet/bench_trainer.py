@@ -33,8 +33,8 @@ batches of ``B``, shuffled), after graph construction and after a warm-up epoch:
   (:func:`fastchgnet.data.cache.build_cache`) built before timing. Inside the timed part: the
   DataLoader over the memory-mapped cache (``GraphDataset``, ``EpochBatchSampler``, ``Collator``:
   reading, collation, label collation; ``TrainConfig.workers`` processes, by default 0 on the CPU
-  and 4 on CUDA — the Trainer starts them anew every epoch, so their start-up is inside the timed
-  epoch: ``--workers 0`` shows the loop without it), the copy to the device
+  and 4 on CUDA; they persist across epochs, so only the warm-up epoch pays their start-up),
+  the copy to the device
   (``DevicePrefetcher``), forward (efsm, ``create_graph``), ``EFSMLoss``, backward, Adam,
   scheduler, loss bookkeeping.
 
