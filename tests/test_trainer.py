@@ -355,3 +355,17 @@ def test_device_prefetcher_copies_pinned_batches_on_a_side_stream(tmp_path):
         assert b.positions.is_cuda and t.e.is_cuda and ids == ids0
         assert torch.equal(b.positions.cpu(), b0.positions) and torch.equal(b.bond_src.cpu(), b0.bond_src)
         assert torch.equal(t.e.cpu(), t0.e)
+
+
+def test_demo_trains_on_the_builtin_dataset(tmp_path, monkeypatch, capsys):
+    from fastchgnet.cli import main
+
+    monkeypatch.setenv("FASTCHGNET_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert main(["demo", "--limit", "12", "--epochs", "1", "--batch-size", "4", "--device", "cpu",
+                 "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "test MAE" in text and "best.pt" in text and "parity plots" in text
+    assert json.loads((out / "test.json").read_text())["n_test"] == 1
+    assert main(["demo", "--predict", "--no-bench", "--device", "cpu"]) == 0
+    assert "CHGNet 0.3.0" in capsys.readouterr().out
