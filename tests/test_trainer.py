@@ -369,3 +369,49 @@ def test_demo_trains_on_the_builtin_dataset(tmp_path, monkeypatch, capsys):
     assert json.loads((out / "test.json").read_text())["n_test"] == 1
     assert main(["demo", "--predict", "--no-bench", "--device", "cpu"]) == 0
     assert "CHGNet 0.3.0" in capsys.readouterr().out
+
+
+def test_sigkill_mid_run_then_resume_loses_nothing(tmp_path, xyz):
+    """A real `fastchgnet train` process killed with SIGKILL while writing checkpoints every step
+    resumes from an intact last.pt and ends with the parameters of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fastchgnet.cli import main
+
+    train(_cfg(tmp_path / "init", xyz, epochs=1), log=lambda m: None)  # a tiny model to start from
+    common = ["train", "--data", str(xyz), "--init", str(tmp_path / "init" / "run" / "best.pt"),
+              "--epochs", "12", "--batch-size", "4", "--lr", "1e-3", "--split", "0.8,0.1,0.1",
+              "--cache", str(tmp_path / "cache"), "--device", "cpu", "--no-progress", "--no-plots",
+              "--checkpoint-every", "1"]
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fastchgnet", *common, "--out", str(killed)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    step = 0
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "last.pt").is_file():
+            step = torch.load(killed / "last.pt", weights_only=True)["trainer"]["step"]
+            if step >= 10:
+                break
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.skip("the run finished before it could be killed (machine too fast for this test)")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(killed / "last.pt", weights_only=True)["trainer"]
+    assert 10 <= state["step"] < 48
+    assert main([*common, "--out", str(killed), "--resume"]) == 0
+    assert not list(killed.glob("*.tmp"))  # temp files of the killed write are cleaned up
+
+    ref = tmp_path / "ref"
+    assert main([*common, "--out", str(ref)]) == 0
+    a, b = _params(ref), _params(killed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    with open(killed / "metrics.csv") as fh:
+        assert [r["epoch"] for r in csv.DictReader(fh)] == [str(i) for i in range(1, 13)]

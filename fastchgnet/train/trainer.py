@@ -367,12 +367,6 @@ def _collect(pairs: dict[str, list[np.ndarray]], pred: dict[str, Tensor], target
 # the trainer
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _rng_state(device: torch.device) -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -644,6 +638,8 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] | Non
         raise FileExistsError(f"{out} already holds a run (last.pt): pass --resume to continue it "
                               "or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.tmp"):  # partial writes of a killed run (the real files are intact)
+        stale.unlink()
     logf = out / "train.log"
 
     def _log(msg: str) -> None:
