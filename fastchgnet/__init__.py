@@ -8,7 +8,7 @@ Quick use::
 """
 
 from fastchgnet.data import Batch, CrystalGraph, build_graph, build_graphs, collate
-from fastchgnet.model import CHGNet, CHGNetConfig, load_model, predict, save_checkpoint
+from fastchgnet.model import CHGNet, CHGNetConfig, DecoupledCHGNet, load_model, predict, save_checkpoint
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,7 @@ __all__ = [
     "CHGNet",
     "CHGNetConfig",
     "CrystalGraph",
+    "DecoupledCHGNet",
     "build_graph",
     "build_graphs",
     "collate",

@@ -415,3 +415,15 @@ def test_sigkill_mid_run_then_resume_loses_nothing(tmp_path, xyz):
         assert torch.equal(a[k], b[k]), k
     with open(killed / "metrics.csv") as fh:
         assert [r["epoch"] for r in csv.DictReader(fh)] == [str(i) for i in range(1, 13)]
+
+
+def test_train_the_decoupled_model(tmp_path, xyz):
+    import fastchgnet
+
+    cfg = _cfg(tmp_path, xyz, epochs=1, model="decoupled")
+    train(cfg, log=lambda m: None)
+    assert isinstance(fastchgnet.load_model(Path(cfg.out) / "best.pt"), fastchgnet.DecoupledCHGNet)
+    # the decoupled model can start from exact weights (here: the 0.3.0 checkpoint)
+    ft = _cfg(tmp_path / "ft", xyz, epochs=1, model="decoupled", model_config={}, init="0.3.0", limit=6)
+    train(ft, log=lambda m: None)
+    assert fastchgnet.load_model(Path(ft.out) / "best.pt").model_type == "decoupled"

@@ -180,15 +180,9 @@ class CHGNet(nn.Module):
         out: dict[str, Tensor] = {}
         n_blocks = c.n_conv - 1
         for i in range(n_blocks):
-            atom = self.atom_convs[i](atom, bond, bw_ag, src_dir, dst_dir)
-            if c.update_bond:
-                new_bond = self.bond_convs[i](atom, bond, bw_bg, angle, center, b1, b2)
-            else:
-                new_bond = bond
             # the angle features of the last block are never read: skip that update
-            if c.update_angle and i < n_blocks - 1:
-                angle = self.angle_updates[i](atom, new_bond, angle, center, b1, b2)
-            bond = new_bond
+            atom, bond, angle = self.interaction(i, atom, bond, angle, bw_ag, bw_bg, src_dir, dst_dir,
+                                                 center, b1, b2, update_angle=i < n_blocks - 1)
             if i == n_blocks - 1:
                 if want_atom_fea:
                     out["atom_fea"] = atom
@@ -207,6 +201,18 @@ class CHGNet(nn.Module):
             out["crystal_fea"] = atom.new_zeros(batch.num_graphs, atom.shape[1]).index_add(
                 0, batch.atom_graph, atom)
         return out
+
+    def interaction(self, i: int, atom: Tensor, bond: Tensor, angle: Tensor, bw_ag: Tensor,
+                    bw_bg: Tensor, src_dir: Tensor, dst_dir: Tensor, center: Tensor, b1: Tensor,
+                    b2: Tensor, update_angle: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """Interaction block ``i`` (CHGNet's order): atom conv, then the bond conv reads the new
+        atom features, then the angle update reads the new atom and bond features."""
+        c = self.config
+        atom = self.atom_convs[i](atom, bond, bw_ag, src_dir, dst_dir)
+        new_bond = self.bond_convs[i](atom, bond, bw_bg, angle, center, b1, b2) if c.update_bond else bond
+        if c.update_angle and update_angle:
+            angle = self.angle_updates[i](atom, new_bond, angle, center, b1, b2)
+        return atom, new_bond, angle
 
     # ------------------------------------------------------------------------------------------
     def predict(self, structures: Any, task: str = "efsm", batch_size: int = 16, **kwargs: Any):

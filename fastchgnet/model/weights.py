@@ -17,12 +17,13 @@ import torch
 from torch import Tensor
 
 from fastchgnet.model.config import CHGNetConfig
+from fastchgnet.model.decoupled import DecoupledCHGNet
 from fastchgnet.model.exact import CHGNet
 
 FORMAT_NAME = "fastchgnet"
 FORMAT_VERSION = 1
 PRETRAINED = ("0.3.0", "0.2.0", "r2scan")
-MODEL_TYPES: dict[str, type[CHGNet]] = {"exact": CHGNet}
+MODEL_TYPES: dict[str, type[CHGNet]] = {"exact": CHGNet, "decoupled": DecoupledCHGNet}
 
 
 def register_model_type(name: str, cls: type[CHGNet]) -> None:

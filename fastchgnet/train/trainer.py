@@ -278,8 +278,12 @@ def build_model(cfg: TrainConfig) -> CHGNet:
         if model.model_type != cfg.model:
             cls = MODEL_TYPES[cfg.model]
             converted = cls(model.config)
-            converted.load_state_dict(model.state_dict(), strict=False)
-            model = converted
+            res = converted.load_state_dict(model.state_dict(), strict=False)
+            if res.unexpected_keys:
+                raise ValueError(f"--init {cfg.init}: its weights do not fit a {cfg.model!r} model "
+                                 f"(unexpected {res.unexpected_keys[:5]})")
+            converted.version = model.version
+            model = converted  # parameters the checkpoint lacks (e.g. new heads) keep their init
         return model
     return MODEL_TYPES[cfg.model](CHGNetConfig(**cfg.model_config))
 
