@@ -388,7 +388,7 @@ def test_sigkill_mid_run_then_resume_loses_nothing(tmp_path, xyz):
               "--cache", str(tmp_path / "cache"), "--device", "cpu", "--no-progress", "--no-plots",
               "--checkpoint-every", "1"]
     killed = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # as this process
     proc = subprocess.Popen([sys.executable, "-m", "fastchgnet", *common, "--out", str(killed)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     step = 0
@@ -411,8 +411,10 @@ def test_sigkill_mid_run_then_resume_loses_nothing(tmp_path, xyz):
     ref = tmp_path / "ref"
     assert main([*common, "--out", str(ref)]) == 0
     a, b = _params(ref), _params(killed)
+    # two processes may sum in different orders (threads): equal to round-off. A lost or repeated
+    # Adam step (lr 1e-3) would move parameters by ~1e-3.
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     with open(killed / "metrics.csv") as fh:
         assert [r["epoch"] for r in csv.DictReader(fh)] == [str(i) for i in range(1, 13)]
 
