@@ -80,7 +80,7 @@ def test_forces_and_stress_are_energy_derivatives():
     torch.testing.assert_close(out["s"][0], out["s"][0].T, rtol=1e-8, atol=1e-8)
 
 
-def test_rotation_and_permutation_invariance():
+def test_rotation_translation_and_permutation_symmetry():
     from pymatgen.core import Lattice, Structure
 
     m = _model()
@@ -88,13 +88,17 @@ def test_rotation_and_permutation_invariance():
     rng = np.random.default_rng(0)
     q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
     rot = Structure(Lattice(s.lattice.matrix @ q.T), s.species, s.frac_coords)
+    moved = Structure(s.lattice, s.species, s.frac_coords + np.array([0.31, -0.12, 0.57]))
     perm = np.random.default_rng(1).permutation(len(s))
     ps = Structure(s.lattice, [s.species[i] for i in perm], s.frac_coords[perm])
-    o, r, p = (m(collate(build_graphs([x]), dtype=torch.float64), task="efsm") for x in (s, rot, ps))
+    o, r, p, t = (m(collate(build_graphs([x]), dtype=torch.float64), task="efsm")
+                  for x in (s, rot, ps, moved))
     R = torch.as_tensor(q)
     torch.testing.assert_close(r["e"], o["e"], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(r["f"], o["f"] @ R.T, rtol=1e-7, atol=1e-7)
     torch.testing.assert_close(r["s"][0], R @ o["s"][0] @ R.T, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(t["e"], o["e"], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(t["f"], o["f"], rtol=1e-7, atol=1e-7)
     torch.testing.assert_close(p["e"], o["e"], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(p["f"], o["f"][perm], rtol=1e-7, atol=1e-7)
     torch.testing.assert_close(p["m"], o["m"][perm], rtol=1e-7, atol=1e-7)
