@@ -13,23 +13,20 @@ a summary table at the end of the session.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
 
 import pytest
 import torch
 
-from fastchgnet.bench import bench_structures, load_our_model, load_reference, reference_converter
+from fastchgnet.bench import (
+    bench_device_from_env,
+    bench_structures,
+    load_our_model,
+    load_reference,
+    reference_converter,
+)
 
-def _bench_device() -> str:
-    want = os.environ.get("FASTCHGNET_BENCH_DEVICE", "cpu").strip().lower() or "cpu"
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        warnings.warn(f"FASTCHGNET_BENCH_DEVICE={want} but CUDA is not available: using cpu", stacklevel=1)
-        return "cpu"
-    return want if want.startswith("cuda") else "cpu"
-
-
-DEVICE = _bench_device()
+DEVICE = bench_device_from_env(warn=True)
 # FASTCHGNET_BENCH_THREADS: torch intra-op threads for the run (default: torch's own setting)
 if os.environ.get("FASTCHGNET_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["FASTCHGNET_BENCH_THREADS"]))

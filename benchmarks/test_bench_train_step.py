@@ -26,7 +26,7 @@ import os
 import pytest
 import torch
 
-from fastchgnet.bench import device_stats, load_our_model, load_reference, synced
+from fastchgnet.bench import bench_device_from_env, device_stats, load_our_model, load_reference, synced
 from fastchgnet.bench_train import (
     chgnet_inputs,
     chgnet_like_batch,
@@ -41,13 +41,7 @@ from fastchgnet.bench_train import (
 )
 
 
-def _collection_device() -> str:
-    """The device conftest.py will use (needed here at collection time for the batch sizes)."""
-    want = os.environ.get("FASTCHGNET_BENCH_DEVICE", "cpu").strip().lower() or "cpu"
-    return want if want.startswith("cuda") and torch.cuda.is_available() else "cpu"
-
-
-_DEVICE = _collection_device()
+_DEVICE = bench_device_from_env()  # as conftest.py; needed at collection time for the batch sizes
 _CUDA = _DEVICE.startswith("cuda")
 
 

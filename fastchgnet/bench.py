@@ -488,10 +488,33 @@ def run_bench(
 # output
 
 
-def _fmt(v: Any, spec: str) -> str:
+def fmt_or_na(v: Any, spec: str) -> str:
+    """``format(v, spec)``, or ``"n/a"`` for a missing value."""
     if v is None:
         return "n/a"
     return format(v, spec)
+
+
+def text_table(head: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table: a header, a rule, the rows; first column left-aligned, others right."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def bench_device_from_env(warn: bool = False) -> str:
+    """The benchmark device named by ``FASTCHGNET_BENCH_DEVICE``: ``cpu`` by default, ``cuda``
+    (or ``cuda:N``) when set and a GPU is available, else ``cpu`` (with a warning if ``warn``)."""
+    want = os.environ.get("FASTCHGNET_BENCH_DEVICE", "cpu").strip().lower() or "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        if warn:
+            warnings.warn(f"FASTCHGNET_BENCH_DEVICE={want} but CUDA is not available: using cpu",
+                          stacklevel=2)
+        return "cpu"
+    return want if want.startswith("cuda") else "cpu"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -502,21 +525,14 @@ def format_table(rows: list[dict]) -> str:
         head += ["ours MiB", "ref MiB", "ours kern", "ref kern"]
     body = []
     for r in rows:
-        line = [r["case"], str(r["n_structures"]), str(r["n_atoms"]), _fmt(r["ours_ms"], ".2f"),
-                _fmt(r.get("ref_ms"), ".2f"),
+        line = [r["case"], str(r["n_structures"]), str(r["n_atoms"]), fmt_or_na(r["ours_ms"], ".2f"),
+                fmt_or_na(r.get("ref_ms"), ".2f"),
                 "n/a" if r.get("ratio") is None else f"{r['ratio']:.2f}x"]
         if cuda:
-            line += [_fmt(r.get("ours_peak_mib"), ".1f"), _fmt(r.get("ref_peak_mib"), ".1f"),
-                     _fmt(r.get("ours_kernels"), "d"), _fmt(r.get("ref_kernels"), "d")]
+            line += [fmt_or_na(r.get("ours_peak_mib"), ".1f"), fmt_or_na(r.get("ref_peak_mib"), ".1f"),
+                     fmt_or_na(r.get("ours_kernels"), "d"), fmt_or_na(r.get("ref_kernels"), "d")]
         body.append(line)
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-
-    def fmt_line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    out = [fmt_line(head), "  ".join("-" * w for w in widths)]
-    out += [fmt_line(b) for b in body]
-    return "\n".join(out)
+    return text_table(head, body)
 
 
 def format_environment(env: dict) -> str:

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from fastchgnet.bench import (
     count_cuda_kernels,
     environment,
+    fmt_or_na,
     format_environment,
     graph_counts,
     load_our_model,
@@ -58,6 +59,7 @@ from fastchgnet.bench import (
     reference_converter,
     resolve_device,
     structures_dir,
+    text_table,
     time_interleaved,
     timing_fields,
 )
@@ -471,10 +473,6 @@ def run_train_bench(
 # output
 
 
-def _fmt(v: Any, spec: str) -> str:
-    return "n/a" if v is None else format(v, spec)
-
-
 def format_train_table(rows: list[dict]) -> str:
     """Plain-text table of :func:`run_train_bench` rows (memory/kernel columns on CUDA)."""
     cuda = any("ours_peak_mib" in r for r in rows)
@@ -485,22 +483,14 @@ def format_train_table(rows: list[dict]) -> str:
     body = []
     for r in rows:
         line = [r["case"], str(r["atoms"]), str(r["bonds"]), str(r["angles"]),
-                _fmt(r["ours_ms"], ".1f"), _fmt(r.get("ref_ms"), ".1f"),
+                fmt_or_na(r["ours_ms"], ".1f"), fmt_or_na(r.get("ref_ms"), ".1f"),
                 "n/a" if r.get("ratio") is None else f"{r['ratio']:.2f}x"]
         if cuda:
-            line += [_fmt(r.get("ours_peak_mib"), ".0f"), _fmt(r.get("ref_peak_mib"), ".0f"),
-                     _fmt(r.get("ours_kernels"), "d"), _fmt(r.get("ref_kernels"), "d")]
+            line += [fmt_or_na(r.get("ours_peak_mib"), ".0f"), fmt_or_na(r.get("ref_peak_mib"), ".0f"),
+                     fmt_or_na(r.get("ours_kernels"), "d"), fmt_or_na(r.get("ref_kernels"), "d")]
         line.append(str(r.get("kernels")))
         body.append(line)
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
-              for i, h in enumerate(head)]
-
-    def fmt_line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([fmt_line(head), "  ".join("-" * w for w in widths)]
-                     + [fmt_line(b) for b in body])
+    return text_table(head, body)
 
 
 def main(argv: Sequence[str] | None = None, stream: Any = None) -> list[dict]:

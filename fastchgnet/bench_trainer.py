@@ -72,10 +72,12 @@ import torch
 
 from fastchgnet.bench import (
     environment,
+    fmt_or_na,
     format_environment,
     quiet,
     reference_converter,
     resolve_device,
+    text_table,
     time_interleaved,
     timing_fields,
 )
@@ -455,10 +457,6 @@ def run_trainer_bench(
 # output
 
 
-def _fmt(v: Any, spec: str) -> str:
-    return "n/a" if v is None else format(v, spec)
-
-
 def format_trainer_table(rows: list[dict]) -> str:
     """Plain-text table of :func:`run_trainer_bench` rows (memory columns on CUDA)."""
     cuda = any("ours_peak_mib" in r for r in rows)
@@ -469,21 +467,13 @@ def format_trainer_table(rows: list[dict]) -> str:
     body = []
     for r in rows:
         line = [r["case"], str(r["n_structures"]), str(r["steps_per_epoch"]), str(r["atoms"]),
-                str(r["angles"]), _fmt(r["ours_structs_per_s"], ".2f"),
-                _fmt(r.get("ref_structs_per_s"), ".2f"),
+                str(r["angles"]), fmt_or_na(r["ours_structs_per_s"], ".2f"),
+                fmt_or_na(r.get("ref_structs_per_s"), ".2f"),
                 "n/a" if r.get("ratio") is None else f"{r['ratio']:.2f}x"]
         if cuda:
-            line += [_fmt(r.get("ours_peak_mib"), ".0f"), _fmt(r.get("ref_peak_mib"), ".0f")]
+            line += [fmt_or_na(r.get("ours_peak_mib"), ".0f"), fmt_or_na(r.get("ref_peak_mib"), ".0f")]
         body.append(line)
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
-              for i, h in enumerate(head)]
-
-    def fmt_line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([fmt_line(head), "  ".join("-" * w for w in widths)]
-                     + [fmt_line(b) for b in body])
+    return text_table(head, body)
 
 
 def main(argv: Sequence[str] | None = None, stream: Any = None) -> list[dict]:

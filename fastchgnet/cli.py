@@ -85,26 +85,19 @@ def summarize(pred: dict) -> dict[str, float | None]:
     return out
 
 
-def _table(head: list[str], rows: list[list[str]]) -> str:
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
-
-
 def _f(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
 def _prediction_table(labels: list[str], structures: list, preds: list[dict]) -> str:
+    from fastchgnet.bench import text_table
+
     rows = []
     for label, s, p in zip(labels, structures, preds):
         sm = summarize(p)
         rows.append([label, _formula(s), str(len(s)), _f(sm["e"], ".5f"), _f(sm["fmax"], ".4f"),
                      _f(sm["pressure"], ".3f"), _f(sm["m_mean"], ".3f")])
-    return _table(["structure", "formula", "atoms", "e eV/atom", "max|F| eV/A", "P GPa", "mean|m| muB"],
+    return text_table(["structure", "formula", "atoms", "e eV/atom", "max|F| eV/A", "P GPa", "mean|m| muB"],
                   rows)
 
 

@@ -39,13 +39,10 @@ class DecoupledCHGNet(CHGNet):
         new_atom = self.atom_convs[i](atom, bond, bw_ag, src_dir, dst_dir)
         bc = self.bond_convs[i] if c.update_bond else None
         au = self.angle_updates[i] if (c.update_angle and update_angle) else None
-        if bc is None and au is None:
-            return new_atom, bond, angle
-        if bc is None or au is None:  # only one of the two: nothing to pack
-            if bc is not None:
-                return new_atom, bc(atom, bond, bw_bg, angle, center, b1, b2), angle
-            assert au is not None
-            return new_atom, bond, au(atom, bond, angle, center, b1, b2)
+        if bc is None or au is None:  # at most one of the two: nothing to pack
+            new_bond = bond if bc is None else bc(atom, bond, bw_bg, angle, center, b1, b2)
+            new_angle = angle if au is None else au(atom, bond, angle, center, b1, b2)
+            return new_atom, new_bond, new_angle
 
         # one packed first layer for both GatedMLPs: rows [bond conv | angle update]
         wb, wa = 2 * bc.tail.width, 2 * au.tail.width

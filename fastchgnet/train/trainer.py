@@ -177,7 +177,7 @@ def prepare_data(path: str | None, *, format: str = "auto", cache_root: str | os
         fmt = format
 
     def meta_extra() -> dict[str, Any]:
-        return {"source": str(source), "reader": {k: v for k, v in stats.items()}}
+        return {"source": str(source), "reader": dict(stats)}
 
     t0 = time.perf_counter()
     cache = open_or_build(samples, source, root, options={"format": fmt}, atom_cutoff=atom_cutoff,
@@ -210,31 +210,29 @@ def fit_atom_ref(cache: GraphCache, indices: Sequence[int], max_z: int = 94,
     from the samples keep ``previous`` (or 0). Returns the (max_z,) references and the MAE of this
     per-element baseline on the fitted samples (eV/atom).
     """
-    idx = np.asarray(indices, dtype=np.int64)
-    counts = cache.composition_counts(max_z)[idx].astype(np.float64)
-    e = cache.energies()[idx]
-    ok = np.isfinite(e)
-    if not ok.any():
+    frac, e = _fractions(cache, indices, max_z)
+    if len(e) == 0:
         raise ValueError("no energy labels to fit the AtomRef on")
-    frac = counts[ok] / counts[ok].sum(1, keepdims=True)
     present = frac.sum(0) > 0
     ref = np.zeros(max_z) if previous is None else previous.detach().cpu().double().numpy().copy()
-    sol, *_ = np.linalg.lstsq(frac[:, present], e[ok], rcond=None)
+    sol, *_ = np.linalg.lstsq(frac[:, present], e, rcond=None)
     ref[present] = sol
-    mae = float(np.abs(frac @ ref - e[ok]).mean())
-    return ref, mae
+    return ref, float(np.abs(frac @ ref - e).mean())
 
 
 def baseline_mae(cache: GraphCache, indices: Sequence[int], ref: np.ndarray) -> float:
     """MAE (eV/atom) of the per-element-reference energy ``sum_Z fraction_Z * ref_Z``."""
+    frac, e = _fractions(cache, indices, len(ref))
+    return float(np.abs(frac @ ref - e).mean()) if len(e) else float("nan")
+
+
+def _fractions(cache: GraphCache, indices: Sequence[int], max_z: int) -> tuple[np.ndarray, np.ndarray]:
+    """Element fractions (n, max_z) and energy labels (n,) of the samples that have an energy."""
     idx = np.asarray(indices, dtype=np.int64)
-    counts = cache.composition_counts(len(ref))[idx].astype(np.float64)
+    counts = cache.composition_counts(max_z)[idx].astype(np.float64)
     e = cache.energies()[idx]
     ok = np.isfinite(e)
-    if not ok.any():
-        return float("nan")
-    frac = counts[ok] / counts[ok].sum(1, keepdims=True)
-    return float(np.abs(frac @ ref - e[ok]).mean())
+    return counts[ok] / counts[ok].sum(1, keepdims=True), e[ok]
 
 
 def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
@@ -405,7 +403,7 @@ class Trainer:
         self.train_set, self.val_set = train_set, val_set
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self._log_fn = log
+        self.log = run_logger(self.out, log)
         # for tests: stop (as if killed) after this many optimiser steps of this process
         self.stop_after_steps = stop_after_steps
         self.loss_fn = EFSMLoss(**config.prefactors, delta=config.delta, loss=config.loss)
@@ -425,15 +423,6 @@ class Trainer:
         self.workers = workers
         self.collator = Collator(self.dtype)
         self._train_loader: torch.utils.data.DataLoader | None = None
-
-    # -- logging -------------------------------------------------------------------------------
-    def log(self, msg: str) -> None:
-        if self._log_fn is not None:
-            self._log_fn(msg)
-            return
-        print(msg, flush=True)
-        with open(self.out / "train.log", "a") as fh:
-            fh.write(msg + "\n")
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -590,6 +579,15 @@ class Trainer:
         os.replace(tmp, path)
 
 
+def run_logger(out: Path, log: Callable[[str], None] | None = None) -> Callable[[str], None]:
+    """A log function for a run: ``log`` (default: print) and a line appended to out/train.log."""
+    def _log(msg: str) -> None:
+        (log or (lambda m: print(m, flush=True)))(msg)
+        with open(out / "train.log", "a") as fh:
+            fh.write(msg + "\n")
+    return _log
+
+
 def _json_safe(obj: Any) -> Any:
     """NaN/inf (a target without labels) as null, so the file is strict JSON."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -644,15 +642,7 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] | Non
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*.tmp"):  # partial writes of a killed run (the real files are intact)
         stale.unlink()
-    logf = out / "train.log"
-
-    def _log(msg: str) -> None:
-        if log is not None:
-            log(msg)
-        else:
-            print(msg, flush=True)
-        with open(logf, "a") as fh:
-            fh.write(msg + "\n")
+    _log = run_logger(out, log)
 
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
@@ -690,7 +680,7 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] | Non
         frozen = freeze(model, config.freeze)
         _log(f"frozen: {len(frozen)} parameter tensors ({', '.join(config.freeze)})")
 
-    trainer = Trainer(model, config, train_set, val_set, log=_log, stop_after_steps=stop_after_steps)
+    trainer = Trainer(model, config, train_set, val_set, log=log, stop_after_steps=stop_after_steps)
     if config.resume:
         trainer.resume_from(last)
         _log(f"resumed {last}: epoch {trainer.epoch}, step {trainer.step} "
