@@ -563,13 +563,19 @@ def main_bench(device: str = "auto", repeats: int = 5, warmup: int = 1, quick: b
           f"structures: {rows[0]['structures'] if rows else '?'}; total {wall:.1f} s",
           file=stream)
     if json_path:
-        import json
-
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"environment": env,
-                   "settings": {"repeats": repeats, "warmup": warmup, "quick": quick, "threads": threads},
-                   "wall_s": wall, "rows": rows}
-        path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-        print(f"# saved {path}", file=stream)
+        save_record(json_path, env, {"repeats": repeats, "warmup": warmup, "quick": quick,
+                                     "threads": threads}, wall, rows, stream)
     return rows
+
+
+def save_record(path: str | Path, env: dict, settings: dict, wall_s: float, rows: list[dict],
+                stream: Any = None) -> Path:
+    """Write a benchmark record ``{environment, settings, wall_s, rows}`` as JSON."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"environment": env, "settings": settings, "wall_s": wall_s, "rows": rows}
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    print(f"# saved {path}", file=stream or sys.stdout)
+    return path

@@ -34,13 +34,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import os
 import sys
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -58,6 +56,7 @@ from fastchgnet.bench import (
     quiet,
     reference_converter,
     resolve_device,
+    save_record,
     structures_dir,
     text_table,
     time_interleaved,
@@ -534,15 +533,11 @@ def main(argv: Sequence[str] | None = None, stream: Any = None) -> list[dict]:
           f"{args.repeats} interleaved steps after {args.warmup} warm-up; ratio = chgnet/ours; "
           f"structures: {src}; total {wall:.1f} s", file=stream)
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: getattr(args, k) for k in ("batch_sizes", "repeats", "warmup", "kernels",
                                                   "max_atoms", "threads", "no_reference")}
         settings.update(loss_weights=LOSS_WEIGHTS, huber_delta=HUBER_DELTA, optimizer="Adam",
                         lr=LEARNING_RATE)
-        payload = {"environment": env, "settings": settings, "wall_s": wall, "rows": rows}
-        path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-        print(f"# saved {path}", file=stream)
+        save_record(args.json, env, settings, wall, rows, stream)
     return rows
 
 

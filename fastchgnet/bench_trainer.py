@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import json
 import random
 import sys
 import tempfile
@@ -77,6 +76,7 @@ from fastchgnet.bench import (
     quiet,
     reference_converter,
     resolve_device,
+    save_record,
     text_table,
     time_interleaved,
     timing_fields,
@@ -529,8 +529,6 @@ def main(argv: Sequence[str] | None = None, stream: Any = None) -> list[dict]:
           f"{args.warmup} warm-up epoch(s); ratio = ours/chgnet structures/s; structures: {src}; "
           f"total {wall:.1f} s", file=stream)
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: getattr(args, k) for k in ("batch_sizes", "n_structures", "epochs",
                                                   "repeats", "warmup", "max_atoms", "lr",
                                                   "workers", "kernels", "threads", "seed",
@@ -542,9 +540,7 @@ def main(argv: Sequence[str] | None = None, stream: Any = None) -> list[dict]:
                                        "before timing",
                                "ref": "chgnet Trainer._train(train_loader, epoch); StructureData "
                                       "graphs converted and cached before timing"})
-        payload = {"environment": env, "settings": settings, "wall_s": wall, "rows": rows}
-        path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-        print(f"# saved {path}", file=stream)
+        save_record(args.json, env, settings, wall, rows, stream)
     return rows
 
 
