@@ -1,0 +1,1 @@
+"""Inference: ASE calculator, relaxation, molecular dynamics, batched simulation."""
