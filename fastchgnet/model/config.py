@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
+STRESS_HEADS = ("lattice", "virial")
+
+
 @dataclass
 class CHGNetConfig:
     """Hyper-parameters of a CHGNet-class model. Defaults are those of CHGNet 0.3.0.
@@ -36,6 +39,10 @@ class CHGNetConfig:
     composition_model: str | None = "MPtrj"  # AtomRef present (weights come from a checkpoint)
     mlp_out_bias: bool = False
     max_num_elements: int = 94
+    # output heads of the ``heads`` model (ignored by ``exact`` and ``decoupled``)
+    head_hidden_dim: int = 64
+    stress_head: str = "lattice"  # "lattice" (FastCHGNet Eq. 9) or "virial" (per-bond virial)
+    remove_net_force: bool = True  # subtract each structure's mean direct force
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -50,6 +57,10 @@ class CHGNetConfig:
             raise ValueError(f"n_conv must be >= 1, got {self.n_conv}")
         if self.num_angular % 2 != 1:
             raise ValueError(f"num_angular must be odd, got {self.num_angular}")
+        if self.stress_head not in STRESS_HEADS:
+            raise ValueError(f"stress_head={self.stress_head!r}: use one of {STRESS_HEADS}")
+        if self.head_hidden_dim < 1:
+            raise ValueError(f"head_hidden_dim must be >= 1, got {self.head_hidden_dim}")
         for name in ("gMLP_norm", "readout_norm"):
             v = getattr(self, name)
             if v not in (None, "layer"):

@@ -32,6 +32,11 @@ EV_A3_TO_GPA = 160.21766208  # eV/Å^3 -> GPa (the reference's constant)
 VALID_TASKS = ("e", "ef", "em", "efs", "efsm", "es", "esm", "efm")
 
 
+def cell_volume(lattice: Tensor) -> Tensor:
+    """(n_graphs,) volumes (Å^3) of (n_graphs, 3, 3) lattices."""
+    return torch.linalg.det(lattice).abs()
+
+
 def check_task(task: str) -> None:
     if task not in VALID_TASKS:
         raise ValueError(f"invalid task {task!r}; use one of {VALID_TASKS}")
@@ -54,6 +59,8 @@ class CHGNet(nn.Module):
             config = CHGNetConfig.from_dict({**config.to_dict(), **overrides})
         self.config = c = config
         self.version: str | None = None
+        self._compiled_interaction: Any = None  # set by fastchgnet.model.compile.compile_blocks
+        self._eager_blocks = False
         A, B, G = c.atom_fea_dim, c.bond_fea_dim, c.angle_fea_dim
         norm = c.gMLP_norm == "layer"
 
@@ -128,24 +135,20 @@ class CHGNet(nn.Module):
         want_f, want_s, want_m = "f" in task, "s" in task, "m" in task
         if create_graph is None:
             create_graph = self.training
-        with torch.enable_grad() if (want_f or want_s) else nullcontext():
+        by_grad = self.forces_by_autograd and (want_f or want_s)
+        # compiled blocks (compile_blocks) cannot be differentiated twice: eager for those calls
+        self._eager_blocks = by_grad and create_graph
+        with torch.enable_grad() if by_grad else nullcontext():
             vec = self.bond_vectors(batch)
-            if (want_f or want_s) and not vec.requires_grad:
+            if by_grad and not vec.requires_grad:
                 vec.requires_grad_(True)
             out = self._energy(batch, vec, want_m, return_site_energies, return_crystal_feas,
-                               return_atom_feas)
+                               return_atom_feas, keep_features=(want_f or want_s) and not by_grad)
             energy = out.pop("_total")  # (n_graphs,) eV, without the AtomRef part
             if want_f or want_s:
-                (grad,) = torch.autograd.grad(energy.sum(), vec, create_graph=create_graph)
-                if want_f:
-                    f = torch.zeros_like(batch.positions)
-                    f = f.index_add(0, batch.bond_src, -grad).index_add(0, batch.bond_dst, grad)
-                    out["f"] = f
-                if want_s:
-                    vir = vec.detach().unsqueeze(2) * grad.unsqueeze(1)  # (n_bonds, 3, 3)
-                    s = vir.new_zeros(batch.num_graphs, 3, 3).index_add(0, batch.bond_graph, vir)
-                    vol = torch.linalg.det(batch.lattice).abs()
-                    out["s"] = s * (EV_A3_TO_GPA / vol)[:, None, None]
+                self.forces_stress(batch, vec, energy, out, want_f, want_s, create_graph)
+        for key in [k for k in out if k.startswith("_")]:
+            del out[key]
         n_atoms = batch.n_atoms.to(energy.dtype)
         e = energy / n_atoms if self.config.is_intensive else energy
         if self.atom_ref is not None:
@@ -157,8 +160,27 @@ class CHGNet(nn.Module):
         out["e"] = e
         return out
 
+    #: forces and stress as derivatives of the energy (False: from output heads)
+    forces_by_autograd = True
+
+    def forces_stress(self, batch: Batch, vec: Tensor, energy: Tensor, out: dict[str, Tensor],
+                      want_f: bool, want_s: bool, create_graph: bool) -> None:
+        """Put ``f`` (n_atoms, 3) eV/Å and/or ``s`` (n_graphs, 3, 3) GPa into ``out``: one gradient
+        of the total energy with respect to the bond vectors."""
+        (grad,) = torch.autograd.grad(energy.sum(), vec, create_graph=create_graph)
+        if want_f:
+            f = torch.zeros_like(batch.positions)
+            out["f"] = f.index_add(0, batch.bond_src, -grad).index_add(0, batch.bond_dst, grad)
+        if want_s:
+            vir = vec.detach().unsqueeze(2) * grad.unsqueeze(1)  # (n_bonds, 3, 3)
+            s = vir.new_zeros(batch.num_graphs, 3, 3).index_add(0, batch.bond_graph, vir)
+            out["s"] = s * (EV_A3_TO_GPA / cell_volume(batch.lattice))[:, None, None]
+
     def _energy(self, batch: Batch, vec: Tensor, want_m: bool, want_site: bool,
-                want_crystal: bool, want_atom_fea: bool) -> dict[str, Tensor]:
+                want_crystal: bool, want_atom_fea: bool,
+                keep_features: bool = False) -> dict[str, Tensor]:
+        """Energy (``_total``, eV, no AtomRef) and requested outputs; ``keep_features`` adds the
+        final features and geometry for output heads (``_atom``, ``_bond``, ``_length``, ``_unit``)."""
         c = self.config
         src, dst = batch.bond_src, batch.bond_dst
         center, b1, b2 = batch.angle_center, batch.angle_bond1, batch.angle_bond2
@@ -179,9 +201,12 @@ class CHGNet(nn.Module):
 
         out: dict[str, Tensor] = {}
         n_blocks = c.n_conv - 1
+        block = self.interaction
+        if self._compiled_interaction is not None and not self._eager_blocks:
+            block = self._compiled_interaction
         for i in range(n_blocks):
             # the angle features of the last block are never read: skip that update
-            atom, bond, angle = self.interaction(i, atom, bond, angle, bw_ag, bw_bg, src_dir, dst_dir,
+            atom, bond, angle = block(i, atom, bond, angle, bw_ag, bw_bg, src_dir, dst_dir,
                                                  center, b1, b2, update_angle=i < n_blocks - 1)
             if i == n_blocks - 1:
                 if want_atom_fea:
@@ -195,6 +220,8 @@ class CHGNet(nn.Module):
             atom = self.readout_norm(atom)
         site = self.readout(atom).squeeze(1)
         out["_total"] = site.new_zeros(batch.num_graphs).index_add(0, batch.atom_graph, site)
+        if keep_features:
+            out.update(_atom=atom, _bond=bond, _length=length, _unit=unit)
         if want_site:
             out["site_energies"] = site
         if want_crystal:

@@ -86,7 +86,8 @@ def predict(
         for group in split_by_size(graphs, max_graphs=batch_size, max_atoms=max_atoms,
                                    max_bonds=max_bonds, max_angles=max_angles):
             batch = collate([graphs[i] for i in group], dtype=dtype).to(device)
-            with torch.no_grad() if task in ("e", "em") else nullcontext():
+            no_grad = task in ("e", "em") or not getattr(model, "forces_by_autograd", True)
+            with torch.no_grad() if no_grad else nullcontext():
                 out = model(batch, task=task, create_graph=False,
                             return_site_energies=return_site_energies,
                             return_crystal_feas=return_crystal_feas,

@@ -19,11 +19,13 @@ from torch import Tensor
 from fastchgnet.model.config import CHGNetConfig
 from fastchgnet.model.decoupled import DecoupledCHGNet
 from fastchgnet.model.exact import CHGNet
+from fastchgnet.model.heads import HeadsCHGNet
 
 FORMAT_NAME = "fastchgnet"
 FORMAT_VERSION = 1
 PRETRAINED = ("0.3.0", "0.2.0", "r2scan")
-MODEL_TYPES: dict[str, type[CHGNet]] = {"exact": CHGNet, "decoupled": DecoupledCHGNet}
+MODEL_TYPES: dict[str, type[CHGNet]] = {"exact": CHGNet, "decoupled": DecoupledCHGNet,
+                                        "heads": HeadsCHGNet}
 
 
 def register_model_type(name: str, cls: type[CHGNet]) -> None:
@@ -125,11 +127,11 @@ def _from_ours(ckpt: dict, path: Path) -> CHGNet:
     if mtype not in MODEL_TYPES:
         raise ValueError(f"{path}: unknown model_type {mtype!r} (known: {sorted(MODEL_TYPES)})")
     net = MODEL_TYPES[mtype](CHGNetConfig.from_dict(ckpt["config"]))
-    net.load_state_dict(ckpt["state_dict"])
-    net.version = ckpt.get("version")
     saved = ckpt.get("dtype")
     if isinstance(saved, str) and saved.startswith("torch.") and hasattr(torch, saved[6:]):
-        net = net.to(getattr(torch, saved[6:]))
+        net = net.to(getattr(torch, saved[6:]))  # before loading: no rounding through float32
+    net.load_state_dict(ckpt["state_dict"])
+    net.version = ckpt.get("version")
     return net
 
 

@@ -1,0 +1,171 @@
+"""The ``heads`` model: FastCHGNet's Force and Stress heads on the decoupled backbone.
+
+The exact and decoupled models take forces and stress as derivatives of the energy, so training
+on them back-propagates through a gradient (second-order derivatives). Here they are read out of
+the final features directly, and a training step needs first-order gradients only:
+
+* **Force head** (FastCHGNet Eq. 7): every directed bond ``i -> j`` (all bonds of the 6 Å atom
+  graph) gets a scalar ``s_ij = MLP([v_i, e_ij, v_j]) * env(r_ij / r_c)``, and
+  ``F_i = sum_j s_ij x_ij`` with ``x_ij`` the unit vector from atom ``i`` to its neighbour ``j``.
+  The MLP's first layer is packed as in the convolutions (one GEMM per atom, one per bond,
+  gathers per direction). The smooth envelope makes the forces continuous when a neighbour
+  crosses the cutoff. ``s_ij != s_ji`` in general, so the direct forces of a structure need not
+  sum to zero; with ``config.remove_net_force`` (default) each structure's mean force is
+  subtracted (exact momentum conservation, as DFT forces).
+* **Stress head** (FastCHGNet Eq. 9, ``stress_head="lattice"``): each atom gives 6 numbers
+  ``MLP(v_i)``; their mean over the structure weights the 6 symmetric products of the
+  normalised lattice vectors ``a_k / |a_k|``:
+  ``sigma = sum_k c_kk a_k (x) a_k + sum_{k<l} c_kl (a_k (x) a_l + a_l (x) a_k) / 2`` (GPa).
+  ``stress_head="virial"`` instead sums a learnt pair virial over the bonds,
+  ``sigma = (1/V) sum_b t_b r_b (x) r_b / |r_b| * env``, which does not depend on the choice of
+  lattice vectors (two cells of the same crystal give the same stress).
+
+Both heads are rotation-equivariant (``F -> R F``, ``sigma -> R sigma R^T``), and translation
+and permutation invariant; the stress is symmetric by construction. Energy and magnetic moments
+are those of the backbone. The backbone's parameters have the names of the exact model, so a
+heads model can start from exact (e.g. 0.3.0) weights; the heads then start from their
+initialisation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastchgnet.data.batch import Batch
+from fastchgnet.model.config import CHGNetConfig
+from fastchgnet.model.decoupled import DecoupledCHGNet
+from fastchgnet.model.exact import EV_A3_TO_GPA, cell_volume
+from fastchgnet.nn.functional import envelope
+
+__all__ = ["ForceHead", "HeadsCHGNet", "LatticeStressHead", "VirialStressHead"]
+
+
+class _PairMLP(nn.Module):
+    """``MLP([v_i, e_ij, v_j]) -> scalar`` for both directions of every undirected bond, with the
+    first layer packed: one GEMM over the atoms (centre and neighbour parts), one over the bonds.
+    ``symmetric=True`` feeds ``v_i + v_j`` instead, so both directions get the same value."""
+
+    def __init__(self, atom_dim: int, bond_dim: int, hidden: int, symmetric: bool = False) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.symmetric = symmetric
+        n_atom_parts = 1 if symmetric else 2
+        fan_in = n_atom_parts * atom_dim + bond_dim
+        self.w_atom = nn.Parameter(torch.empty(n_atom_parts * hidden, atom_dim))
+        self.w_bond = nn.Parameter(torch.empty(hidden, bond_dim))
+        self.bias = nn.Parameter(torch.zeros(hidden))
+        for p in (self.w_atom, self.w_bond):
+            nn.init.uniform_(p, -fan_in ** -0.5, fan_in ** -0.5)
+        self.hidden2 = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, 1)
+
+    def _tail(self, pre: Tensor) -> Tensor:
+        return self.out(F.silu(self.hidden2(F.silu(pre)))).squeeze(-1)
+
+    def forward(self, atom: Tensor, bond: Tensor, src: Tensor, dst: Tensor) -> Tensor:
+        """(n_bonds,) scalars if symmetric, else (2, n_bonds): row 0 for ``src -> dst`` (centre
+        ``src``), row 1 for ``dst -> src``."""
+        q = torch.addmm(self.bias, bond, self.w_bond.t())  # (n_bonds, h)
+        p = atom @ self.w_atom.t()
+        if self.symmetric:
+            return self._tail(q + p.index_select(0, src) + p.index_select(0, dst))
+        p_c, p_n = p.split(self.hidden, dim=1)
+        fwd = p_c.index_select(0, src) + p_n.index_select(0, dst)
+        rev = p_c.index_select(0, dst) + p_n.index_select(0, src)
+        return self._tail(torch.stack([fwd, rev]) + q)
+
+
+class ForceHead(nn.Module):
+    """Direct forces ``F_i = sum_j s_ij x_ij`` over the atom graph (FastCHGNet Eq. 7)."""
+
+    def __init__(self, atom_dim: int, bond_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.pair = _PairMLP(atom_dim, bond_dim, hidden)
+
+    def forward(self, atom: Tensor, bond: Tensor, unit: Tensor, env: Tensor, batch: Batch) -> Tensor:
+        s = self.pair(atom, bond, batch.bond_src, batch.bond_dst) * env  # (2, n_bonds)
+        # the bond vector points from dst to src (``x_src - x_dst - shift``): the unit vector
+        # from src to its neighbour is -unit, from dst to its neighbour +unit
+        f = torch.zeros_like(batch.positions)
+        f = f.index_add(0, batch.bond_src, -s[0, :, None] * unit)
+        return f.index_add(0, batch.bond_dst, s[1, :, None] * unit)
+
+
+# index pairs (k, l) of the 6 symmetric lattice-vector products
+_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+
+
+class LatticeStressHead(nn.Module):
+    """Stress from per-atom MLP outputs and normalised lattice-vector products (FastCHGNet Eq. 9)."""
+
+    def __init__(self, atom_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(atom_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
+                                 nn.SiLU(), nn.Linear(hidden, len(_PAIRS)))
+        k, l_ = zip(*_PAIRS)
+        self.register_buffer("_k", torch.tensor(k), persistent=False)
+        self.register_buffer("_l", torch.tensor(l_), persistent=False)
+
+    def forward(self, atom: Tensor, batch: Batch, **_: Any) -> Tensor:
+        per_atom = self.mlp(atom)  # (n_atoms, 6)
+        n = batch.n_atoms.to(per_atom.dtype)
+        coef = per_atom.new_zeros(batch.num_graphs, len(_PAIRS)).index_add(
+            0, batch.atom_graph, per_atom) / n[:, None]
+        a = batch.lattice / torch.linalg.vector_norm(batch.lattice, dim=2, keepdim=True)
+        ak, al = a.index_select(1, self._k), a.index_select(1, self._l)  # (n_graphs, 6, 3)
+        outer = ak.unsqueeze(3) * al.unsqueeze(2)  # (n_graphs, 6, 3, 3)
+        sym = 0.5 * (outer + outer.transpose(2, 3))
+        return torch.einsum("gp,gpij->gij", coef.to(sym.dtype), sym)
+
+
+class VirialStressHead(nn.Module):
+    """Stress as a learnt pair virial ``(1/V) sum_b t_b r_b (x) r_b / |r_b|`` (cell-choice free)."""
+
+    def __init__(self, atom_dim: int, bond_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.pair = _PairMLP(atom_dim, bond_dim, hidden, symmetric=True)
+
+    def forward(self, atom: Tensor, batch: Batch, *, bond: Tensor, unit: Tensor, length: Tensor,
+                env: Tensor) -> Tensor:
+        t = self.pair(atom, bond, batch.bond_src, batch.bond_dst) * env * length  # (n_bonds,)
+        vir = (t[:, None, None] * unit.unsqueeze(2)) * unit.unsqueeze(1)
+        s = vir.new_zeros(batch.num_graphs, 3, 3).index_add(0, batch.bond_graph, vir)
+        return s * (EV_A3_TO_GPA / cell_volume(batch.lattice))[:, None, None]
+
+
+class HeadsCHGNet(DecoupledCHGNet):
+    """Decoupled CHGNet with direct Force and Stress heads (``model_type = "heads"``).
+
+    Forces and stress need no gradient of the energy, so ``create_graph`` has no effect and a
+    prediction of any task can run under ``torch.no_grad()``.
+    """
+
+    model_type = "heads"
+    forces_by_autograd = False
+
+    def __init__(self, config: CHGNetConfig | None = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        c = self.config
+        A, B, H = c.atom_fea_dim, c.bond_fea_dim, c.head_hidden_dim
+        self.force_head = ForceHead(A, B, H)
+        self.stress_head: nn.Module = (LatticeStressHead(A, H) if c.stress_head == "lattice"
+                                       else VirialStressHead(A, B, H))
+
+    def forces_stress(self, batch: Batch, vec: Tensor, energy: Tensor, out: dict[str, Tensor],
+                      want_f: bool, want_s: bool, create_graph: bool) -> None:
+        c = self.config
+        atom, bond, length, unit = out["_atom"], out["_bond"], out["_length"], out["_unit"]
+        env = envelope(length / c.atom_graph_cutoff, c.cutoff_coeff)
+        if want_f:
+            f = self.force_head(atom, bond, unit, env, batch)
+            if c.remove_net_force:
+                n = batch.n_atoms.to(f.dtype)
+                net = f.new_zeros(batch.num_graphs, 3).index_add(0, batch.atom_graph, f) / n[:, None]
+                f = f - net.index_select(0, batch.atom_graph)
+            out["f"] = f
+        if want_s:
+            out["s"] = self.stress_head(atom, batch, bond=bond, unit=unit, length=length, env=env)

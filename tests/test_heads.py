@@ -1,0 +1,171 @@
+"""The heads model: direct Force and Stress heads on the decoupled backbone (FastCHGNet Eq. 7, 9)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pymatgen.core import Lattice, Structure
+
+import fastchgnet
+from fastchgnet.data import build_graphs, collate
+from fastchgnet.data.prototypes import random_structures
+from fastchgnet.model import CHGNet, DecoupledCHGNet, HeadsCHGNet
+from fastchgnet.model.weights import MODEL_TYPES, save_checkpoint
+
+SMALL = dict(atom_fea_dim=16, bond_fea_dim=16, angle_fea_dim=16, num_radial=7, num_angular=7,
+             atom_conv_hidden_dim=16, bond_conv_hidden_dim=16, mlp_hidden_dims=(16,), n_conv=3,
+             head_hidden_dim=16)
+HEADS = ["lattice", "virial"]
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = HeadsCHGNet(**{**SMALL, **kw}).double()
+    with torch.no_grad():  # non-trivial norms and AtomRef
+        for name, p in m.named_parameters():
+            if "norm" in name or name == "atom_ref":
+                p.add_(0.1 * torch.randn_like(p))
+    return m.eval()
+
+
+def _run(m, structures, task="efsm"):
+    return m(collate(build_graphs(list(structures)), dtype=torch.float64), task=task)
+
+
+def test_registered_and_round_trips_checkpoints(tmp_path):
+    assert MODEL_TYPES["heads"] is HeadsCHGNet
+    m = _model(stress_head="virial")
+    back = fastchgnet.load_model(save_checkpoint(m, tmp_path / "h.pt"), dtype=torch.float64)
+    assert isinstance(back, HeadsCHGNet) and back.config.stress_head == "virial"
+    s = random_structures(2, seed=4, max_atoms=8)
+    a, b = _run(m, s), _run(back, s)
+    for k in "efsm":
+        torch.testing.assert_close(a[k], b[k])
+
+
+def test_energy_and_magmoms_are_the_decoupled_backbone():
+    m = _model()
+    dec = DecoupledCHGNet(m.config).double().eval()
+    missing = dec.load_state_dict(m.state_dict(), strict=False)
+    assert all(k.split(".")[0] in ("force_head", "stress_head") for k in missing.unexpected_keys)
+    s = random_structures(3, seed=2, max_atoms=8)
+    a, b = _run(m, s), _run(dec, s, task="em")
+    torch.testing.assert_close(a["e"], b["e"])
+    torch.testing.assert_close(a["m"], b["m"])
+
+
+def test_starts_from_exact_weights_only_heads_are_new():
+    ex = CHGNet(**SMALL)
+    m = HeadsCHGNet(ex.config)
+    res = m.load_state_dict(ex.state_dict(), strict=False)
+    assert not res.unexpected_keys
+    assert res.missing_keys and all(k.startswith(("force_head.", "stress_head.")) for k in res.missing_keys)
+
+
+def test_no_second_order_derivatives(monkeypatch):
+    """Neither the forward nor the training backward takes a gradient of the energy."""
+    m = _model().train()
+
+    def forbidden(*a, **k):
+        raise AssertionError("torch.autograd.grad called by the heads model")
+
+    monkeypatch.setattr(torch.autograd, "grad", forbidden)
+    batch = collate(build_graphs(random_structures(3, seed=5, max_atoms=8)), dtype=torch.float64)
+    out = m(batch, task="efsm", create_graph=True)
+    assert not batch.positions.requires_grad
+    loss = out["e"].square().mean() + out["f"].square().mean() + out["s"].square().mean()
+    loss.backward()
+    grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+    for name in ("force_head.pair.w_atom", "stress_head.mlp.0.weight", "atom_convs.0.w_atom",
+                 "angle_updates.0.w_bond"):
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+    with torch.no_grad():  # inference of every output without autograd
+        assert m.eval()(batch, task="efsm")["f"].shape == batch.positions.shape
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_rotation_translation_permutation_and_symmetric_stress(head):
+    m = _model(stress_head=head)
+    s = random_structures(1, seed=3, max_atoms=8)[0]
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    rot = Structure(Lattice(s.lattice.matrix @ q.T), s.species, s.frac_coords)
+    moved = Structure(s.lattice, s.species, s.frac_coords + np.array([0.31, -0.12, 0.57]))
+    perm = np.random.default_rng(1).permutation(len(s))
+    ps = Structure(s.lattice, [s.species[i] for i in perm], s.frac_coords[perm])
+    o, r, t, p = (_run(m, [x]) for x in (s, rot, moved, ps))
+    R = torch.as_tensor(q)
+    assert o["f"].abs().max() > 1e-4 and o["s"].abs().max() > 1e-4  # non-trivial outputs
+    torch.testing.assert_close(r["e"], o["e"], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(r["f"], o["f"] @ R.T, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(r["s"][0], R @ o["s"][0] @ R.T, rtol=1e-7, atol=1e-9)
+    for x in (t, p):
+        torch.testing.assert_close(x["e"], o["e"], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(x["s"], o["s"], rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(t["f"], o["f"], rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(p["f"], o["f"][perm], rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(o["s"][0], o["s"][0].T, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_batched_equals_unbatched(head):
+    m = _model(stress_head=head)
+    structs = random_structures(3, seed=9, max_atoms=8)
+    full = _run(m, structs)
+    start = 0
+    for i, s in enumerate(structs):
+        one = _run(m, [s])
+        for k in "es":
+            torch.testing.assert_close(one[k][0], full[k][i], rtol=1e-10, atol=1e-10)
+        for k in "fm":
+            torch.testing.assert_close(one[k], full[k][start:start + len(s)], rtol=1e-9, atol=1e-10)
+        start += len(s)
+
+
+def test_net_force_removal():
+    structs = random_structures(3, seed=11, max_atoms=8)
+    batch = collate(build_graphs(structs), dtype=torch.float64)
+
+    def net(m):
+        f = m(batch, task="ef")["f"]
+        return torch.zeros(3, 3, dtype=f.dtype).index_add(0, batch.atom_graph, f)
+
+    on = _model(remove_net_force=True)
+    off = _model(remove_net_force=False)
+    assert net(off).abs().max() > 1e-4  # direct forces need not sum to zero ...
+    torch.testing.assert_close(net(on), torch.zeros(3, 3, dtype=torch.float64), rtol=0, atol=1e-12)
+    f_on, f_off = on(batch, task="ef")["f"], off(batch, task="ef")["f"]
+    mean = net(off) / batch.n_atoms.double()[:, None]
+    torch.testing.assert_close(f_on, f_off - mean[batch.atom_graph])  # ... the mean is removed
+
+
+def test_virial_stress_does_not_depend_on_the_choice_of_cell():
+    """Same crystal, another primitive basis (a1 + a2, a2, a3): same stress and forces."""
+    s = random_structures(1, seed=5, max_atoms=6)[0]
+    t = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 1]])
+    other = Structure(Lattice(t @ s.lattice.matrix), s.species, s.cart_coords, coords_are_cartesian=True)
+    m = _model(stress_head="virial")
+    a, b = _run(m, [s]), _run(m, [other])
+    torch.testing.assert_close(a["s"], b["s"], rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(a["f"], b["f"], rtol=1e-8, atol=1e-10)
+
+
+def test_forces_vanish_smoothly_at_the_cutoff():
+    """A neighbour leaving the 6 Å sphere changes the forces continuously (envelope)."""
+    m = _model(remove_net_force=False)
+
+    def force(d):
+        lat = Lattice.cubic(20.0)  # isolated: only the pair and the third atom
+        s = Structure(lat, ["Si", "Si", "O"], [[0, 0, 0], [2.3, 0, 0], [2.3 - d, 0.0, 0.0]],
+                      coords_are_cartesian=True)
+        return _run(m, [s], task="ef")["f"][0]
+
+    inside, outside = force(6.0 - 1e-4), force(6.0 + 1e-4)
+    assert (inside - outside).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("bad", [dict(stress_head="sum"), dict(head_hidden_dim=0)])
+def test_bad_head_options_are_named(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        HeadsCHGNet(**{**SMALL, **bad})
