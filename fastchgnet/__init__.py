@@ -12,16 +12,33 @@ from fastchgnet.model import CHGNet, CHGNetConfig, DecoupledCHGNet, load_model, 
 
 __version__ = "0.1.0"
 
+# inference helpers (ASE calculator, relaxation, MD): imported on first use, so that
+# ``import fastchgnet`` does not import ASE
+_MD_EXPORTS = ("CHGNetCalculator", "MolecularDynamics", "StructOptimizer", "relax_structure")
+
+
+def __getattr__(name: str):
+    if name in _MD_EXPORTS:
+        import fastchgnet.md
+
+        return getattr(fastchgnet.md, name)
+    raise AttributeError(f"module 'fastchgnet' has no attribute {name!r}")
+
+
 __all__ = [
     "Batch",
     "CHGNet",
+    "CHGNetCalculator",
     "CHGNetConfig",
     "CrystalGraph",
     "DecoupledCHGNet",
+    "MolecularDynamics",
+    "StructOptimizer",
     "build_graph",
     "build_graphs",
     "collate",
     "load_model",
     "predict",
+    "relax_structure",
     "save_checkpoint",
 ]

@@ -392,7 +392,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 # parser
 
-COMMANDS: list[AddCommand] = [_add_bench, _add_predict, _add_demo, _add_train, _add_evaluate]
+COMMANDS: list[AddCommand] = [_add_bench, _add_predict, _add_demo, _add_train, _add_evaluate, *__import__("fastchgnet.md.cli", fromlist=["COMMANDS"]).COMMANDS]
 
 
 def register_command(add: AddCommand) -> None:

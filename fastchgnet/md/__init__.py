@@ -1,1 +1,29 @@
-"""Inference: ASE calculator, relaxation, molecular dynamics, batched simulation."""
+"""Inference: ASE calculator, relaxation, molecular dynamics.
+
+``CHGNetCalculator`` (ASE calculator of any fastchgnet model), ``StructOptimizer`` / ``relax``
+(FIRE/BFGS with ``FrechetCellFilter``) and ``MolecularDynamics`` (NVE, NVT, NPT). Submodules are
+imported on first use, so ``import fastchgnet.md`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CHGNetCalculator": "fastchgnet.md.calculator",
+    "make_calculator": "fastchgnet.md.calculator",
+    "MolecularDynamics": "fastchgnet.md.dynamics",
+    "estimate_bulk_modulus": "fastchgnet.md.dynamics",
+    "RelaxResult": "fastchgnet.md.relax",
+    "StructOptimizer": "fastchgnet.md.relax",
+    "relax_structure": "fastchgnet.md.relax",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'fastchgnet.md' has no attribute {name!r}")

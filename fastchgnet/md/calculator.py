@@ -1,0 +1,239 @@
+"""ASE calculator for fastchgnet models.
+
+``CHGNetCalculator`` gives ASE the total energy (eV), forces (eV/Å), stress (Voigt
+``xx, yy, zz, yz, xz, xy`` in eV/Å³, positive = tensile, as ASE), magnetic moments (μB) and
+per-site energies (eV) of any fastchgnet model: the exact and decoupled models, the heads model
+and checkpoints of them. One forward pass per new geometry gives all properties, which are cached
+by ASE until the atoms change.
+
+Structures reach the model through one method, :meth:`CHGNetCalculator.atoms_to_batch`; the
+graph is built on the host (``graph="host"``, :func:`fastchgnet.data.build_graph`) or, when
+``fastchgnet.data.device_graph`` is available, on the model's device (``graph="device"``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+from ase.units import GPa
+
+from fastchgnet.data.batch import Batch, collate
+from fastchgnet.data.graph import build_graph
+
+__all__ = ["CHGNetCalculator", "as_atoms", "make_calculator", "resolve_model", "voigt_stress"]
+
+GRAPH_MODES = ("auto", "host", "device")
+
+
+def resolve_model(model: Any = "0.3.0", device: str | torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A model in eval mode on ``device``.
+
+    Args:
+        model: a pretrained name (``"0.3.0"``), a checkpoint path, or a fastchgnet model.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``; None: CUDA when available for a
+            model loaded here, the model's own device for a model passed in.
+        dtype: parameter dtype (e.g. ``torch.float64``); None keeps the model's (float32 for the
+            published weights).
+    """
+    from fastchgnet.bench import resolve_device
+
+    if isinstance(model, torch.nn.Module):
+        if device is not None:
+            model = model.to(resolve_device(str(device)))
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.eval()
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a pretrained name, a checkpoint path or a fastchgnet model, "
+                        f"got {type(model).__name__}")
+    from fastchgnet.model.weights import load_model
+
+    return load_model(model, device=resolve_device(None if device is None else str(device)),
+                      dtype=dtype)
+
+
+def voigt_stress(s_gpa: np.ndarray) -> np.ndarray:
+    """(3, 3) stress in GPa -> ASE Voigt (xx, yy, zz, yz, xz, xy) in eV/Å³ (same sign)."""
+    s = np.asarray(s_gpa, dtype=np.float64)
+    return s[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]] * GPa
+
+
+class CHGNetCalculator(Calculator):
+    """ASE calculator of a fastchgnet model.
+
+    Args:
+        model: ``"0.3.0"`` (default), a checkpoint path, or a fastchgnet model (any model type).
+        device: ``"cpu"``, ``"cuda"``, ``"auto"``...; None as in :func:`resolve_model`.
+        dtype: e.g. ``torch.float64`` for smooth finite differences (default: the model's dtype).
+        on_isolated_atoms: an atom without a neighbour within the 6 Å cutoff raises ValueError
+            (``"error"``, default), warns (``"warn"``) or is kept silently (``"ignore"``); a kept
+            atom's energy depends on its element only.
+        graph: ``"host"`` builds graphs with :func:`fastchgnet.data.build_graph`; ``"device"``
+            with ``fastchgnet.data.device_graph`` on the model's device; ``"auto"`` picks the
+            device graph on CUDA when that module is available, else the host graph.
+        task: the outputs computed per call (``"efsm"`` default; ``"ef"`` skips stress and
+            magnetic moments, e.g. for NVE/NVT MD where only forces matter).
+        **kwargs: passed to :class:`ase.calculators.calculator.Calculator`.
+
+    Results (``calc.results``): ``energy`` and ``free_energy`` (eV, total), ``forces`` (n, 3)
+    eV/Å, ``stress`` (6,) eV/Å³ Voigt, ``magmoms`` (n,) μB, ``energies`` (n,) eV per site.
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "magmoms", "energies"]
+
+    def __init__(
+        self,
+        model: Any = "0.3.0",
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        on_isolated_atoms: str = "error",
+        graph: str = "auto",
+        task: str = "efsm",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if on_isolated_atoms not in ("error", "warn", "ignore"):
+            raise ValueError(f"on_isolated_atoms must be 'error', 'warn' or 'ignore', "
+                             f"got {on_isolated_atoms!r}")
+        if graph not in GRAPH_MODES:
+            raise ValueError(f"graph must be one of {GRAPH_MODES}, got {graph!r}")
+        if "e" not in task:
+            raise ValueError(f"task must include the energy 'e', got {task!r}")
+        self.model = resolve_model(model, device, dtype)
+        self.on_isolated_atoms = on_isolated_atoms
+        self.task = task
+        self.graph_mode = self._pick_graph_mode(graph)
+        self.n_calls = 0  # model evaluations, for tests and logs
+        self._device_graph: Any = None
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def version(self) -> str | None:
+        return getattr(self.model, "version", None)
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def _pick_graph_mode(self, graph: str) -> str:
+        available = _device_graph_module() is not None
+        if graph == "device" and not available:
+            raise ValueError("graph='device' needs fastchgnet.data.device_graph, which this "
+                             "installation does not have; use graph='host'")
+        if graph == "auto":
+            return "device" if (available and self.device.type == "cuda") else "host"
+        return graph
+
+    # ------------------------------------------------------------------------------------------
+    def atoms_to_batch(self, atoms: Any) -> Batch:
+        """The model's input for one ``Atoms`` (or pymatgen ``Structure``) on the model's device.
+
+        The only place where structures become graphs: host graphs are built with
+        :func:`fastchgnet.data.build_graph` and collated; device graphs come from
+        ``fastchgnet.data.device_graph`` (with its Verlet-skin reuse between MD steps).
+
+        Raises:
+            ValueError naming the structure (its formula) and the problem: isolated atoms (per
+            ``on_isolated_atoms``), atoms closer than 0.5 Å, unknown elements, a singular cell.
+        """
+        if self.graph_mode == "device":
+            return self._device_batch(atoms)
+        graph = build_graph(atoms, graph_id=_label(atoms), on_isolated_atoms=self.on_isolated_atoms,
+                            **self.model.graph_kwargs())
+        return collate([graph], dtype=self.dtype).to(self.device)
+
+    def _device_batch(self, atoms: Any) -> Batch:  # pragma: no cover - needs device_graph
+        mod = _device_graph_module()
+        if self._device_graph is None:
+            self._device_graph = mod.make_builder(self.model, on_isolated_atoms=self.on_isolated_atoms)
+        return self._device_graph(atoms)
+
+    def predict_batch(self, batch: Batch, task: str | None = None) -> dict[str, torch.Tensor]:
+        """Raw model outputs (tensors on the device) for a batch, with per-site energies."""
+        return self.model(batch, task=task or self.task, create_graph=False,
+                          return_site_energies=True)
+
+    def calculate(self, atoms: Any = None, properties: Sequence[str] | None = None,
+                  system_changes: Sequence[str] = all_changes) -> None:
+        """Compute every property of :attr:`task` for ``atoms`` (one forward pass)."""
+        super().calculate(atoms, properties or ["energy"], system_changes)
+        atoms = self.atoms
+        task = self.task
+        if properties and "stress" in properties and "s" not in task:
+            task += "s"
+        if properties and "magmoms" in properties and "m" not in task:
+            task += "m"
+        out = self.predict_batch(self.atoms_to_batch(atoms), task)
+        self.n_calls += 1
+        n = len(atoms)
+        # one device -> host copy per output at the ASE boundary
+        arr = {k: v.detach().to("cpu", torch.float64).numpy() for k, v in out.items()
+               if k in ("e", "f", "s", "m", "site_energies")}
+        energy = float(arr["e"][0]) * n if self.model.config.is_intensive else float(arr["e"][0])
+        self.results["energy"] = energy
+        self.results["free_energy"] = energy
+        self.results["energies"] = arr["site_energies"]
+        if "f" in arr:
+            self.results["forces"] = arr["f"]
+        if "s" in arr:
+            self.results["stress"] = voigt_stress(arr["s"][0])
+        if "m" in arr:
+            self.results["magmoms"] = arr["m"]
+
+    def get_magnetic_moments(self, atoms: Any = None) -> np.ndarray:
+        """Per-site magnetic moment magnitudes (μB)."""
+        return self.get_property("magmoms", atoms)
+
+
+def _label(atoms: Any) -> str:
+    """A short name of a structure for error messages (its formula)."""
+    if hasattr(atoms, "get_chemical_formula"):
+        return atoms.get_chemical_formula()
+    comp = getattr(atoms, "composition", None)
+    return comp.formula.replace(" ", "") if comp is not None else type(atoms).__name__
+
+
+def _device_graph_module() -> Any:
+    """``fastchgnet.data.device_graph`` when installed, else None."""
+    try:
+        from fastchgnet.data import device_graph  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return device_graph
+
+
+def as_atoms(structure: Any) -> Any:
+    """An ASE ``Atoms`` for a pymatgen ``Structure`` (converted) or an ``Atoms`` (as is)."""
+    from ase import Atoms
+
+    if isinstance(structure, Atoms):
+        return structure
+    if hasattr(structure, "lattice") and hasattr(structure, "sites"):
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        return AseAtomsAdaptor.get_atoms(structure)
+    raise TypeError(f"expected an ASE Atoms or a pymatgen Structure, got {type(structure).__name__}")
+
+
+def make_calculator(model: Any = "0.3.0", *, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None, on_isolated_atoms: str = "error",
+                    **kwargs: Any) -> Calculator:
+    """``model`` itself when it is an ASE calculator, else a :class:`CHGNetCalculator` of it."""
+    if isinstance(model, Calculator):
+        return model
+    return CHGNetCalculator(model, device=device, dtype=dtype, on_isolated_atoms=on_isolated_atoms,
+                            **kwargs)

@@ -1,0 +1,167 @@
+"""``fastchgnet relax`` and ``fastchgnet md``: relaxation and molecular dynamics from the shell.
+
+Registered in :data:`fastchgnet.cli.COMMANDS`; heavy imports happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["add_md", "add_relax"]
+
+# fastchgnet.cli imports this module for its COMMANDS list: its helpers are imported inside
+# the functions (no import cycle at load time)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from fastchgnet.cli import _add_device_arg
+
+    p.add_argument("--model", default="0.3.0",
+                   help="pretrained name (0.3.0, 0.2.0, r2scan) or checkpoint path [%(default)s]")
+    _add_device_arg(p)
+    p.add_argument("--float64", action="store_true", help="run the model in float64")
+    p.add_argument("--on-isolated-atoms", default="error", choices=["error", "warn", "ignore"],
+                   help="atoms without a neighbour within 6 A [%(default)s]")
+
+
+def _calculator(args: argparse.Namespace):
+    import torch
+
+    from fastchgnet.cli import _device
+    from fastchgnet.md.calculator import CHGNetCalculator
+
+    return CHGNetCalculator(args.model, device=_device(args.device),
+                            dtype=torch.float64 if args.float64 else None,
+                            on_isolated_atoms=args.on_isolated_atoms)
+
+
+def _stem(label: str) -> str:
+    """A file-name stem of a structure label (``dir/POSCAR@3`` -> ``POSCAR-3``)."""
+    return Path(label.replace("@", "-")).name.replace(".", "_")
+
+
+# ----------------------------------------------------------------------------------------------
+# relax
+
+
+def add_relax(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("relax", help="relax structures (positions and cell)",
+                       description="Relax each structure with FIRE or BFGS (cell through "
+                                   "FrechetCellFilter) until max|F| <= --fmax and max|stress| <= "
+                                   "--smax; writes <out>/<name>.cif, .traj and .log.")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    _add_model_args(p)
+    p.add_argument("--optimizer", default="FIRE", help="FIRE, BFGS, LBFGS, ... [%(default)s]")
+    p.add_argument("--fmax", type=float, default=0.05, help="force criterion, eV/A [%(default)s]")
+    p.add_argument("--smax", type=float, default=0.1, help="stress criterion, GPa [%(default)s]")
+    p.add_argument("--steps", type=int, default=500, help="maximum optimiser steps [%(default)s]")
+    p.add_argument("--pressure", type=float, default=0.0, help="external pressure, GPa [%(default)s]")
+    p.add_argument("--no-cell", action="store_true", help="keep the cell fixed")
+    p.add_argument("--loginterval", type=int, default=1, help="steps between frames [%(default)s]")
+    p.add_argument("--out", default="relaxed", help="output folder [%(default)s]")
+    p.set_defaults(func=_run_relax)
+
+
+def _run_relax(args: argparse.Namespace) -> int:
+    from fastchgnet.bench import text_table
+    from fastchgnet.cli import _formula, read_structures
+    from fastchgnet.md.relax import StructOptimizer
+
+    items = [item for path in args.files for item in read_structures(path)]
+    opt = StructOptimizer(_calculator(args), args.optimizer)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, failed = [], 0
+    for label, s in items:
+        stem = _stem(label)
+        res = opt.relax(s, fmax=args.fmax, smax=args.smax, steps=args.steps,
+                        relax_cell=not args.no_cell, pressure=args.pressure,
+                        trajectory=out / f"{stem}.traj", logfile=out / f"{stem}.log",
+                        loginterval=args.loginterval)
+        res.final_structure.to(filename=str(out / f"{stem}.cif"))
+        failed += not res.converged
+        rows.append([label, _formula(s), str(len(s)), "yes" if res.converged else "NO",
+                     str(res.steps), f"{res.energy / len(s):.5f}", f"{res.fmax:.4f}",
+                     f"{res.smax:.4f}", f"{res.atoms.get_volume():.2f}"])
+    print(text_table(["structure", "formula", "atoms", "converged", "steps", "e eV/atom",
+                      "max|F| eV/A", "max|s| GPa", "volume A^3"], rows))
+    print(f"# relaxed structures, trajectories and logs in {out}/")
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# md
+
+
+def add_md(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("md", help="molecular dynamics of one structure",
+                       description="Run NVE, NVT or NPT molecular dynamics; the trajectory and "
+                                   "log are written and flushed every --loginterval steps.")
+    p.add_argument("file", metavar="FILE")
+    _add_model_args(p)
+    p.add_argument("--ensemble", default="nvt", choices=["nve", "nvt", "npt"])
+    p.add_argument("--thermostat", default=None,
+                   help="nvt: langevin (default), nose-hoover, bussi, berendsen; "
+                        "npt: mtk (default), mtk-isotropic, berendsen")
+    p.add_argument("--temperature", type=float, default=300.0, help="K [%(default)s]")
+    p.add_argument("--starting-temperature", type=float, default=None,
+                   help="initial Maxwell-Boltzmann temperature, K [--temperature]")
+    p.add_argument("--timestep", type=float, default=1.0, help="fs [%(default)s]")
+    p.add_argument("--steps", type=int, required=True, help="number of MD steps")
+    p.add_argument("--pressure", type=float, default=1.01325e-4, help="GPa [%(default)s]")
+    p.add_argument("--taut", type=float, default=None, help="thermostat time, fs [100 x timestep]")
+    p.add_argument("--taup", type=float, default=None, help="barostat time, fs [1000 x timestep]")
+    p.add_argument("--bulk-modulus", type=float, default=None,
+                   help="GPa, Berendsen barostat [estimated with the model]")
+    p.add_argument("--supercell", default=None, metavar="A,B,C", help="repeat the cell first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loginterval", type=int, default=10, help="steps between frames [%(default)s]")
+    p.add_argument("--trajectory", default=None, help="trajectory file [<out>/md.traj]")
+    p.add_argument("--logfile", default=None, help="log file [<out>/md.log]")
+    p.add_argument("--out", default="md", help="output folder [%(default)s]")
+    p.set_defaults(func=_run_md)
+
+
+def _run_md(args: argparse.Namespace) -> int:
+    import time
+
+    from fastchgnet.cli import read_structures
+    from fastchgnet.md.calculator import as_atoms
+    from fastchgnet.md.dynamics import MolecularDynamics
+
+    frames = read_structures(args.file)
+    if len(frames) != 1:
+        raise ValueError(f"{args.file} holds {len(frames)} structures; md runs one")
+    atoms = as_atoms(frames[0][1])
+    if args.supercell:
+        reps = [int(x) for x in args.supercell.split(",")]
+        if len(reps) != 3 or min(reps) < 1:
+            raise ValueError(f"--supercell must be three positive integers, got {args.supercell!r}")
+        atoms = atoms.repeat(reps)
+    out = Path(args.out)
+    traj = args.trajectory or out / "md.traj"
+    log = args.logfile or out / "md.log"
+    start_t = args.starting_temperature if args.starting_temperature is not None else args.temperature
+    md = MolecularDynamics(atoms, model=_calculator(args), ensemble=args.ensemble,
+                           thermostat=args.thermostat, temperature=args.temperature,
+                           starting_temperature=start_t, timestep=args.timestep,
+                           pressure=args.pressure, taut=args.taut, taup=args.taup,
+                           bulk_modulus=args.bulk_modulus, trajectory=traj, logfile=log,
+                           loginterval=args.loginterval, seed=args.seed)
+    print(f"# {args.ensemble.upper()} ({md.thermostat}) MD of {atoms.get_chemical_formula()} "
+          f"({len(atoms)} atoms), {args.steps} steps of {args.timestep} fs; log {log}, "
+          f"trajectory {traj}", flush=True)
+    t0 = time.perf_counter()
+    with md:
+        md.run(args.steps)
+    dt = time.perf_counter() - t0
+    a = md.atoms
+    print(f"# done: {dt:.1f} s ({dt / max(args.steps, 1) * 1e3:.1f} ms/step); final T "
+          f"{a.get_temperature():.1f} K, Epot {a.get_potential_energy() / len(a):.5f} eV/atom, "
+          f"volume {a.get_volume():.2f} A^3")
+    return 0
+
+
+# the subcommands of this module, in the order of ``fastchgnet --help``
+COMMANDS = [add_relax, add_md]

@@ -1,0 +1,190 @@
+"""Structure relaxation with a fastchgnet model (ASE optimisers).
+
+:class:`StructOptimizer` relaxes positions and, by default, the cell (through ASE's
+``FrechetCellFilter``) with FIRE, BFGS or any ASE optimiser. Convergence is judged on the real
+quantities, not on the filter's generalised forces: the largest atomic force ``≤ fmax`` (eV/Å)
+and, when the cell relaxes, the largest stress component ``≤ smax`` (GPa; measured from the target
+``-pressure``). Trajectory and log files are written and flushed every ``loginterval`` steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ase import units
+
+from fastchgnet.md.calculator import as_atoms, make_calculator
+from fastchgnet.md.dynamics import FrameRecorder, TextLog, TrajectoryWriter
+
+__all__ = ["OPTIMIZERS", "RelaxResult", "StructOptimizer", "relax_structure"]
+
+OPTIMIZERS = ("FIRE", "BFGS", "LBFGS", "BFGSLineSearch", "LBFGSLineSearch", "MDMin", "GPMin")
+
+
+@dataclass
+class RelaxResult:
+    """Outcome of a relaxation.
+
+    ``atoms`` is the relaxed ASE ``Atoms`` (the input object when one was given) and
+    ``final_structure`` its pymatgen ``Structure`` with the predicted ``magmom`` site property
+    (as chgnet's ``StructOptimizer.relax``). ``fmax`` (eV/Å) and ``smax`` (GPa) are the final
+    largest force and stress residual; ``energy`` the final total energy (eV).
+    """
+
+    atoms: Any
+    final_structure: Any
+    converged: bool
+    steps: int
+    energy: float
+    fmax: float
+    smax: float
+    trajectory: FrameRecorder
+
+    def __getitem__(self, key: str) -> Any:  # chgnet-style access: result["final_structure"]
+        return getattr(self, key)
+
+
+def _optimizer_class(optimizer: Any) -> Any:
+    if not isinstance(optimizer, str):
+        return optimizer
+    import ase.optimize
+
+    names = {n.lower(): n for n in OPTIMIZERS}
+    name = names.get(optimizer.lower())
+    if name is None:
+        raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {OPTIMIZERS} or pass an "
+                         f"ASE Optimizer class")
+    return getattr(ase.optimize, name)
+
+
+def _filter_class(cell_filter: Any) -> Any:
+    if not isinstance(cell_filter, str):
+        return cell_filter
+    import ase.filters
+
+    cls = getattr(ase.filters, cell_filter, None)
+    if not isinstance(cls, type) or not issubclass(cls, ase.filters.Filter):
+        raise ValueError(f"unknown cell filter {cell_filter!r}: use e.g. 'FrechetCellFilter', "
+                         f"'ExpCellFilter', 'UnitCellFilter' or 'StrainFilter'")
+    return cls
+
+
+class StructOptimizer:
+    """Relaxes structures with a fastchgnet model.
+
+    Args:
+        model: ``"0.3.0"``, a checkpoint path, a fastchgnet model, or an ASE calculator.
+        optimizer: ``"FIRE"`` (default), ``"BFGS"``, ... or an ASE ``Optimizer`` class.
+        device, dtype, on_isolated_atoms: for a calculator made here.
+    """
+
+    def __init__(self, model: Any = "0.3.0", optimizer: Any = "FIRE", *,
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 on_isolated_atoms: str = "error") -> None:
+        self.calculator = make_calculator(model, device=device, dtype=dtype,
+                                          on_isolated_atoms=on_isolated_atoms)
+        self.optimizer_class = _optimizer_class(optimizer)
+
+    def relax(
+        self,
+        atoms: Any,
+        *,
+        fmax: float = 0.1,
+        smax: float = 0.1,
+        steps: int = 500,
+        relax_cell: bool = True,
+        cell_filter: Any = "FrechetCellFilter",
+        pressure: float = 0.0,
+        trajectory: str | Path | None = None,
+        logfile: str | Path | None = None,
+        loginterval: int = 1,
+        verbose: bool = False,
+        **optimizer_kwargs: Any,
+    ) -> RelaxResult:
+        """Relax ``atoms`` (ASE ``Atoms``, relaxed in place, or a pymatgen ``Structure``).
+
+        Args:
+            fmax: force criterion (eV/Å): the largest atomic force.
+            smax: stress criterion (GPa): the largest component of ``σ + pressure·I`` (only with
+                ``relax_cell``).
+            steps: at most this many optimiser steps.
+            relax_cell: also relax the cell (through ``cell_filter``).
+            cell_filter: an ``ase.filters`` class or its name (default ``FrechetCellFilter``).
+            pressure: external hydrostatic pressure (GPa).
+            trajectory, logfile: files written (and flushed) every ``loginterval`` steps; the
+                trajectory is ``.traj`` (ASE) or ``.xyz``/``.extxyz``.
+            verbose: print the ASE optimiser's own log to stdout.
+            **optimizer_kwargs: passed to the optimiser (e.g. ``maxstep``).
+        """
+        from ase.optimize.optimize import Optimizer
+
+        if fmax <= 0 or (relax_cell and smax <= 0) or loginterval < 1:
+            raise ValueError("fmax and smax must be > 0 and loginterval >= 1")
+        atoms = as_atoms(atoms)
+        atoms.calc = self.calculator
+        target = atoms
+        if relax_cell:
+            extra = {"scalar_pressure": pressure * units.GPa} if pressure else {}
+            target = _filter_class(cell_filter)(atoms, **extra)
+        opt: Optimizer = self.optimizer_class(target, logfile="-" if verbose else None,
+                                              **optimizer_kwargs)
+        record = FrameRecorder(atoms)
+        writer = TrajectoryWriter(trajectory, atoms) if trajectory is not None else None
+        log = (TextLog(logfile, ["step", "energy_eV", "fmax_eV/A", "smax_GPa", "volume_A3"])
+               if logfile is not None else None)
+        converged, n, f_now, s_now = False, 0, float("inf"), float("inf")
+        try:
+            # fmax=0: the optimiser never stops on its own (generalised) forces; we judge
+            for n, _ in enumerate(opt.irun(fmax=0.0, steps=steps)):
+                f_now = float(np.linalg.norm(atoms.get_forces(), axis=1).max())
+                s_now = _stress_residual(atoms, pressure) if relax_cell else 0.0
+                converged = f_now <= fmax and s_now <= smax
+                if n % loginterval == 0 or converged:
+                    record.record(n)
+                    if writer is not None:
+                        writer.write()
+                    if log is not None:
+                        log.row([n, float(atoms.get_potential_energy()), f_now, s_now,
+                                 float(atoms.get_volume())])
+                if converged:
+                    break
+        finally:
+            if writer is not None:
+                writer.close()
+            if log is not None:
+                log.close()
+        return RelaxResult(atoms=atoms, final_structure=_structure_with_magmoms(atoms),
+                           converged=converged, steps=n, energy=float(atoms.get_potential_energy()),
+                           fmax=f_now, smax=s_now, trajectory=record)
+
+
+def _stress_residual(atoms: Any, pressure: float) -> float:
+    """Largest |σ_ij + p δ_ij| (GPa) with σ from the calculator (positive = tensile)."""
+    voigt = np.asarray(atoms.get_stress(), dtype=np.float64) / units.GPa
+    voigt[:3] += pressure
+    return float(np.abs(voigt).max())
+
+
+def _structure_with_magmoms(atoms: Any) -> Any:
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    plain = atoms.copy()  # without calculator and arrays pymatgen would turn into site properties
+    for key in list(plain.arrays):
+        if key not in ("numbers", "positions"):
+            del plain.arrays[key]
+    struct = AseAtomsAdaptor.get_structure(plain)
+    magmoms = atoms.calc.results.get("magmoms") if atoms.calc is not None else None
+    if magmoms is not None:
+        struct.add_site_property("magmom", [float(m) for m in magmoms])
+    return struct
+
+
+def relax_structure(structure: Any, model: Any = "0.3.0", *, optimizer: Any = "FIRE",
+          device: str | torch.device | None = None, **kwargs: Any) -> RelaxResult:
+    """Relax one structure: ``StructOptimizer(model, optimizer, device=device).relax(structure,
+    **kwargs)``."""
+    return StructOptimizer(model, optimizer, device=device).relax(structure, **kwargs)
