@@ -17,7 +17,7 @@ from pymatgen.core import Lattice, Structure
 import fastchgnet
 from fastchgnet.data import build_graph, collate
 from fastchgnet.data.device_graph import (VerletGraph, device_batch, device_graph, graph_inputs,
-                                          neighbor_pairs)
+                                          make_builder, neighbor_pairs)
 from fastchgnet.data.prototypes import make, random_structures
 
 from conftest import small_config
@@ -301,3 +301,17 @@ def test_errors_name_the_structure():
     pos[1, 0] = float("nan")
     with pytest.raises(ValueError, match="structure 0 has a non-finite"):
         device_graph(gi.atomic_numbers, pos, gi.lattice, gi.n_atoms)
+
+
+def test_make_builder_for_a_calculator(small_model):
+    from ase.build import bulk
+
+    atoms = bulk("Si", "diamond", a=5.43).repeat(2)
+    atoms.rattle(0.02, seed=0)
+    builder = make_builder(small_model, skin=0.5)
+    b1 = builder(atoms)
+    atoms.positions[3] += 0.05
+    b2 = builder(atoms)
+    assert builder.verlet.n_builds == 1 and b2.dtype == torch.float32
+    _same_graph(b2, collate([build_graph(atoms)], torch.float32))
+    assert b1.num_bonds == b2.num_bonds

@@ -485,3 +485,27 @@ def device_batch(structures: Sequence[Any], device: torch.device | str | None = 
     """Structures (pymatgen / ASE) to a :class:`Batch` whose graphs are built on ``device``."""
     gi = graph_inputs(structures, device, dtype)
     return device_graph(gi.atomic_numbers, gi.positions, gi.lattice, gi.n_atoms, gi.pbc, **kwargs)
+
+
+class GraphBuilder:
+    """``builder(structure) -> Batch``: one structure at a time (e.g. from an ASE calculator),
+    on the model's device and dtype, reusing a :class:`VerletGraph` between calls.
+
+    The structure's arrays are copied to the device at each call (ASE holds them on the host);
+    the graph itself is built or reused on the device.
+    """
+
+    def __init__(self, verlet: VerletGraph, device: torch.device | str | None,
+                 dtype: torch.dtype) -> None:
+        self.verlet, self.device, self.dtype = verlet, device, dtype
+
+    def __call__(self, structure: Any) -> Batch:
+        gi = graph_inputs([structure], self.device, self.dtype)
+        return self.verlet.update(gi.atomic_numbers, gi.positions, gi.lattice, gi.n_atoms, gi.pbc)
+
+
+def make_builder(model: torch.nn.Module, *, skin: float = 1.0, **kwargs: Any) -> GraphBuilder:
+    """A :class:`GraphBuilder` with the model's cutoffs, device and dtype (``kwargs`` go to
+    :class:`VerletGraph`, e.g. ``on_isolated_atoms``)."""
+    p = next(model.parameters())
+    return GraphBuilder(VerletGraph.for_model(model, skin, **kwargs), p.device, p.dtype)
