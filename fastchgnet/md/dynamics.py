@@ -273,11 +273,14 @@ class MolecularDynamics:
         if starting_temperature is not None:
             from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
-            MaxwellBoltzmannDistribution(self.atoms, temperature_K=starting_temperature,
-                                         rng=self.rng, force_temp=len(self.atoms) > 1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # renamed in recent ASE
+                MaxwellBoltzmannDistribution(self.atoms, temperature_K=starting_temperature,
+                                             rng=self.rng, force_temp=len(self.atoms) > 1)
             Stationary(self.atoms)
         self.dyn = self._integrator()
         self.v0 = float(self.atoms.get_volume())
+        self._checked: int | None = None  # last step whose cell passed the check
 
         self.trajectory = (TrajectoryWriter(trajectory, self.atoms, append)
                            if trajectory is not None else None)
@@ -343,6 +346,7 @@ class MolecularDynamics:
 
     def _check(self) -> None:
         check_cell(self.atoms, self.v0, self.max_volume_ratio, self.nsteps)
+        self._checked = self.nsteps
 
     def _write(self) -> None:
         if self.trajectory is not None:
@@ -363,10 +367,13 @@ class MolecularDynamics:
         try:
             self.dyn.run(steps)
         except ValueError as exc:
-            msg = str(exc)
-            if "MD step" not in msg:
-                msg = f"at MD step {self.nsteps}: {msg}"
-            raise ValueError(msg) from exc
+            if "MD step" in str(exc):
+                raise
+            # the model failed on the geometry of the step after the last checked one; a broken
+            # cell (e.g. a barostat step that crushed it) is the more useful message
+            step = 0 if self._checked is None else self._checked + 1
+            check_cell(self.atoms, self.v0, self.max_volume_ratio, step)
+            raise ValueError(f"at MD step {step}: {exc}") from exc
 
     def close(self) -> None:
         """Close the trajectory and log files."""
