@@ -280,6 +280,9 @@ class VerletGraph:
         self.chunk = int(chunk)
         self.n_builds = 0  # rebuilds of the candidate list so far
         self.n_calls = 0
+        # optional names of the structures of the batch, used in error messages instead of their
+        # index (e.g. their index in a user's list when the batch holds a subset of it)
+        self.names: Sequence[Any] | None = None
         self._state: dict[str, Tensor] | None = None
 
     @classmethod
@@ -446,24 +449,30 @@ class VerletGraph:
         def local(i: int) -> int:
             return i - int(first[int(ag[i])])
 
+        names = self.names
+
+        def who(i: int) -> str:
+            g = int(ag[i])
+            return f"structure {names[g] if names is not None else g}"
+
         if n_nonfinite:
             i = int(torch.nonzero(~torch.isfinite(positions).all(1))[0])
-            raise ValueError(f"structure {int(ag[i])} has a non-finite (NaN/inf) coordinate at "
+            raise ValueError(f"{who(i)} has a non-finite (NaN/inf) coordinate at "
                              f"atom {local(i)}")
         if n_bad_z:
             i = int(torch.nonzero((numbers < 1) | (numbers > self.max_atomic_number))[0])
-            raise ValueError(f"structure {int(ag[i])} has an element the model does not know: "
+            raise ValueError(f"{who(i)} has an element the model does not know: "
                              f"atomic number {int(numbers[i])} at atom {local(i)} (the model "
                              f"covers Z = 1..{self.max_atomic_number})")
         if min_len < self.min_distance:
             u = int(torch.argmin(torch.where(in_ag, length, torch.full_like(length, float("inf")))))
             i, j = int(src[u]), int(dst[u])
-            raise ValueError(f"structure {int(ag[i])} has atoms {local(i)} and {local(j)} only "
+            raise ValueError(f"{who(i)} has atoms {local(i)} and {local(j)} only "
                              f"{float(length[u]):.4f} Å apart (minimum allowed "
                              f"{self.min_distance} Å)")
         if n_iso and self.on_isolated_atoms != "ignore":
             i = int(torch.nonzero(deg == 0)[0])
-            msg = (f"structure {int(ag[i])} has isolated atoms ({int(n_iso)} in the batch, no "
+            msg = (f"{who(i)} has isolated atoms ({int(n_iso)} in the batch, no "
                    f"neighbour within {self.atom_cutoff} Å), e.g. atom {local(i)}")
             if self.on_isolated_atoms == "error":
                 raise ValueError(msg)
