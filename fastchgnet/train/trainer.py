@@ -1,4 +1,5 @@
-"""The training loop: one device (the distributed issue spreads it over ranks).
+"""The training loop, on one device or data-parallel over many (``torchrun``, see
+:mod:`fastchgnet.train.distributed` and docs/distributed.md).
 
 :func:`train` is the whole job behind ``fastchgnet train``: read the data into the graph cache,
 split it, build (or load) the model, fit the AtomRef, train with Adam and a cosine schedule,
@@ -20,6 +21,12 @@ Checkpoints are written at the end of every epoch (and every ``checkpoint_every`
 with a temporary file and a rename, so a run killed at any moment resumes from an intact file.
 Batches depend only on ``(seed, epoch)``: ``resume=True`` continues exactly where the checkpoint
 was written, even in the middle of an epoch.
+
+Distributed (launched by torchrun or SLURM with more than one process): ``batch_size`` is the
+*global* batch, split over the ranks for every step by the load balancer
+(:mod:`fastchgnet.train.balance`); the model is wrapped in DDP; rank 0 alone writes the log,
+``metrics.csv`` and the checkpoints; validation is sharded over the ranks. The global batches do
+not depend on the number of ranks, so a run may be resumed on a different number of them.
 """
 
 from __future__ import annotations
@@ -43,7 +50,18 @@ from fastchgnet.data.cache import GraphCache, open_or_build
 from fastchgnet.model.config import CHGNetConfig
 from fastchgnet.model.exact import CHGNet
 from fastchgnet.model.weights import MODEL_TYPES, load_model, save_checkpoint
+from fastchgnet.train.balance import POLICIES, DistributedBatchSampler, sample_costs
 from fastchgnet.train.data import Collator, DevicePrefetcher, EpochBatchSampler, GraphDataset, split_indices
+from fastchgnet.train.distributed import (
+    DEFAULT_TIMEOUT_S,
+    DistEnv,
+    DistributedTrainingError,
+    global_loss,
+    init_distributed,
+    maybe_inject_fault,
+    rank_ordered,
+    shutdown,
+)
 from fastchgnet.train.loss import DEFAULT_PREFACTORS, EFSMLoss, MAEAccumulator
 from fastchgnet.train.schedule import default_lr, make_optimizer, make_scheduler
 
@@ -51,7 +69,7 @@ __all__ = ["TrainConfig", "Trainer", "evaluate", "fit_atom_ref", "freeze", "prep
 
 PRECISIONS = ("fp32", "fp64", "tf32")
 METRIC_COLUMNS = ("epoch", "step", "time_s", "lr", "train_loss", "val_loss", "val_e_mae",
-                  "val_f_mae", "val_s_mae", "val_m_mae", "structures_per_s")
+                  "val_f_mae", "val_s_mae", "val_m_mae", "structures_per_s", "load_cv")
 STATE_VERSION = 1
 
 
@@ -59,8 +77,9 @@ STATE_VERSION = 1
 class TrainConfig:
     """Everything that defines a training run (the ``fastchgnet train`` options).
 
-    ``batch_size`` is the number of structures per optimiser step on this device. ``lr=None``
-    takes the paper's rule ``batch_size / 128 * 3e-4``. ``data=None`` trains on the built-in
+    ``batch_size`` is the number of structures per optimiser step: the *global* batch, summed over
+    all ranks of a distributed run (on one device, simply the batch). ``lr=None`` takes the
+    paper's rule ``batch_size / 128 * 3e-4`` on that global batch. ``data=None`` trains on the built-in
     dataset. ``val_data`` / ``test_data`` replace the random split's validation / test parts.
     """
 
@@ -98,6 +117,11 @@ class TrainConfig:
     progress: bool = True
     plots: bool = True
     resume: bool = False
+    # distributed runs only (ignored by a single process)
+    balance: str = "greedy"  # split of each global batch over the ranks: none, paper, greedy
+    bucket_mb: float | None = None  # DDP gradient bucket size (None: torch's 1 MiB first, then 25)
+    dist_timeout: float = DEFAULT_TIMEOUT_S  # seconds any collective may wait before failing
+    log_every: int = 0  # log loss and load CV every N steps (0: only per epoch)
 
     def __post_init__(self) -> None:
         self.split = tuple(float(x) for x in self.split)  # type: ignore[assignment]
@@ -115,6 +139,12 @@ class TrainConfig:
         if self.init is not None and self.model_config:
             raise ValueError("model_config overrides cannot be combined with init (the checkpoint "
                              "defines the architecture)")
+        if self.balance not in POLICIES:
+            raise ValueError(f"unknown balance policy {self.balance!r}; use one of {POLICIES}")
+        if self.bucket_mb is not None and not self.bucket_mb > 0:
+            raise ValueError(f"bucket_mb must be positive, got {self.bucket_mb}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout must be positive, got {self.dist_timeout}")
         unknown = set(self.prefactors) - set(DEFAULT_PREFACTORS)
         if unknown:
             raise ValueError(f"unknown loss prefactors {sorted(unknown)}; use e, f, s, m")
@@ -316,10 +346,15 @@ def precision_context(precision: str, device: torch.device) -> Iterator[None]:
 def evaluate(model: CHGNet, dataset: GraphDataset, *, batch_size: int = 32,
              device: torch.device | str | None = None, task: str = "efsm",
              loss_fn: EFSMLoss | None = None, collect: bool = False,
-             workers: int = 0) -> dict[str, Any]:
+             workers: int = 0, env: DistEnv | None = None) -> dict[str, Any]:
     """MAEs (and the weighted loss) of ``model`` on ``dataset``; forces by autograd, no
     second-order graph. With ``collect=True`` also the labelled predictions and labels as numpy
-    arrays (``pred_e``/``true_e``, ...) for parity plots."""
+    arrays (``pred_e``/``true_e``, ...) for parity plots. With ``env`` (a distributed run, every
+    rank calls it) each rank evaluates every ``world_size``-th sample and the sums are reduced."""
+    if env is not None:
+        if collect:
+            raise ValueError("collect=True is not supported in a distributed evaluation")
+        dataset = dataset.subset(np.arange(env.rank, len(dataset), env.world_size))
     device = torch.device(device) if device is not None else next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     loss_fn = loss_fn or EFSMLoss()
@@ -344,10 +379,28 @@ def evaluate(model: CHGNet, dataset: GraphDataset, *, batch_size: int = 32,
                 _collect(pairs, pred, targets)
     finally:
         model.train(was_training)
+    if env is not None:
+        n_struct = _reduce_eval(env, acc, loss_sum, n_struct, device)
     out: dict[str, Any] = {"n": n_struct, "loss": float(loss_sum) / max(n_struct, 1), **acc.compute()}
     if collect:
         out.update({k: (np.concatenate(v) if v else np.zeros(0)) for k, v in pairs.items()})
     return out
+
+
+def _reduce_eval(env: DistEnv, acc: MAEAccumulator, loss_sum: Tensor, n_struct: int,
+                 device: torch.device) -> int:
+    """Sum the loss, structure count and MAE sums/counts of all ranks (in place); returns the
+    global number of structures. One all-reduce of 10 numbers."""
+    k = 4
+    sums = acc._sums if acc._sums is not None else torch.zeros(k, dtype=torch.float64, device=device)
+    counts = acc._counts if acc._counts is not None else torch.zeros(k, dtype=torch.int64, device=device)
+    packed = torch.cat([loss_sum.reshape(1).double(), torch.tensor([float(n_struct)], device=device,
+                                                                   dtype=torch.float64),
+                        sums.double(), counts.double()])
+    env.all_reduce(packed)
+    loss_sum.copy_(packed[0])
+    acc._sums, acc._counts = packed[2:2 + k].to(sums.dtype), packed[2 + k:].round().to(torch.int64)
+    return int(packed[1])
 
 
 def _collect(pairs: dict[str, list[np.ndarray]], pred: dict[str, Tensor], targets: Any) -> None:
@@ -367,6 +420,27 @@ def _collect(pairs: dict[str, list[np.ndarray]], pred: dict[str, Tensor], target
 
 # ------------------------------------------------------------------------------------------------
 # the trainer
+
+
+def _wrap_ddp(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """``model`` in DistributedDataParallel (the process group must exist).
+
+    ``find_unused_parameters``: some parameters get no gradient in a step (the last block's angle
+    update always; the bond-graph parameters when no structure of the batch has an angle). DDP
+    then finds them by walking the step's autograd graph and leaves the gradient of a parameter
+    unused on every rank at None, as a single process would (so Adam skips it the same way).
+    Buffers are synced once, at construction (they do not change in training), not every step;
+    ``config.bucket_mb`` sets the gradient bucket size (None: torch's default).
+    """
+    import inspect
+
+    DDP = nn.parallel.DistributedDataParallel
+    kw: dict[str, Any] = {} if config.bucket_mb is None else {"bucket_cap_mb": config.bucket_mb}
+    if "forward_sync_buffers" in inspect.signature(DDP).parameters:
+        kw["forward_sync_buffers"] = False
+    else:  # older torch
+        kw["broadcast_buffers"] = False
+    return DDP(model, device_ids=None, find_unused_parameters=True, **kw)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -391,23 +465,41 @@ class Trainer:
 
         trainer = Trainer(model, TrainConfig(epochs=5, batch_size=8, out="runs/x"), train_ds, val_ds)
         history = trainer.fit()
+
+    With ``dist`` (from :func:`~fastchgnet.train.distributed.init_distributed`; every rank builds
+    its Trainer the same way) the model is wrapped in DDP and each rank trains on its balanced
+    share of every global batch of ``config.batch_size`` structures.
     """
 
     def __init__(self, model: CHGNet, config: TrainConfig, train_set: GraphDataset,
                  val_set: GraphDataset | None = None, *, log: Callable[[str], None] | None = None,
-                 stop_after_steps: int | None = None) -> None:
+                 stop_after_steps: int | None = None, dist: DistEnv | None = None) -> None:
         self.cfg = config
-        self.device = resolve_device(config.device)
+        self.dist = dist
+        self.is_main = dist is None or dist.is_main
+        self.device = dist.device if dist is not None else resolve_device(config.device)
         self.dtype = torch.float64 if config.precision == "fp64" else torch.float32
+        self.collator = Collator(self.dtype)
         self.model = model.to(self.device, self.dtype)
         self.train_set, self.val_set = train_set, val_set
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.log = run_logger(self.out, log)
+        self.log = run_logger(self.out, log) if self.is_main else (lambda msg: None)
         # for tests: stop (as if killed) after this many optimiser steps of this process
         self.stop_after_steps = stop_after_steps
         self.loss_fn = EFSMLoss(**config.prefactors, delta=config.delta, loss=config.loss)
-        self.sampler = EpochBatchSampler(len(train_set), config.batch_size, shuffle=True, seed=config.seed)
+        self.sampler: EpochBatchSampler | DistributedBatchSampler
+        self.ddp: nn.Module | None = None
+        if dist is None:
+            self.sampler = EpochBatchSampler(len(train_set), config.batch_size, shuffle=True,
+                                             seed=config.seed)
+        else:
+            # costs of every training sample (3 numbers each, from the cache's pointers): each rank
+            # partitions every global batch the same way without communicating
+            self.sampler = DistributedBatchSampler(
+                sample_costs(train_set.sizes()), config.batch_size, dist.world_size, dist.rank,
+                policy=config.balance, seed=config.seed)
+            self.ddp = _wrap_ddp(self.model, config)
         self.steps_per_epoch = len(self.sampler)
         self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, total_steps=config.epochs * self.steps_per_epoch,
@@ -421,7 +513,6 @@ class Trainer:
         self._epoch_time = 0.0
         workers = config.workers if config.workers is not None else (4 if self.device.type == "cuda" else 0)
         self.workers = workers
-        self.collator = Collator(self.dtype)
         self._train_loader: torch.utils.data.DataLoader | None = None
 
     # -- state ---------------------------------------------------------------------------------
@@ -429,7 +520,8 @@ class Trainer:
         return {"state_version": STATE_VERSION, "epoch": self.epoch, "step": self.step,
                 "step_in_epoch": self.step_in_epoch, "best_val": self.best_val,
                 "epoch_loss": self._epoch_loss.detach().cpu(), "epoch_count": self._epoch_count,
-                "epoch_time": self._epoch_time,
+                "epoch_time": self._epoch_time, "steps_per_epoch": self.steps_per_epoch,
+                "world_size": self.dist.world_size if self.dist is not None else 1,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": _rng_state(self.device), "train_config": self.cfg.to_dict()}
 
@@ -438,8 +530,17 @@ class Trainer:
             raise ValueError(f"unsupported trainer state version {state.get('state_version')!r}")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.step_in_epoch = int(state["step_in_epoch"])
+        saved_steps = int(state.get("steps_per_epoch", self.steps_per_epoch))
+        if self.step_in_epoch and saved_steps != self.steps_per_epoch:
+            raise ValueError(
+                f"cannot resume in the middle of epoch {self.epoch + 1}: it had {saved_steps} steps "
+                f"with {state.get('world_size', 1)} rank(s) and has {self.steps_per_epoch} now (the "
+                "short last batch is merged differently); resume with the former number of ranks")
         self.best_val = float(state["best_val"])
+        # the saved running loss is the sum over all ranks: rank 0 carries it on
         self._epoch_loss = state["epoch_loss"].to(self.device, torch.float64)
+        if not self.is_main:
+            self._epoch_loss.zero_()
         self._epoch_count = int(state["epoch_count"])
         self._epoch_time = float(state.get("epoch_time", 0.0))
         self.optimizer.load_state_dict(state["optimizer"])
@@ -452,8 +553,24 @@ class Trainer:
         _set_rng_state(state.get("rng", {}), self.device)
 
     def save(self, path: Path, **extra: Any) -> Path:
-        """Model checkpoint (loadable by :func:`load_model`) plus the trainer state, atomically."""
-        return save_checkpoint(self.model, path, trainer=self.state_dict(), **extra)
+        """Model checkpoint (loadable by :func:`load_model`) plus the trainer state, atomically.
+        Distributed: every rank calls it (the running loss is summed over the ranks), rank 0
+        alone writes."""
+        self._sync_epoch_loss()
+        if self.is_main:
+            save_checkpoint(self.model, path, trainer=self.state_dict(), **extra)
+        return path
+
+    def _sync_epoch_loss(self) -> Tensor:
+        """The epoch's running loss summed over the ranks (returned on every rank). Distributed:
+        rank 0 keeps the sum and the others zero, so the sum over the ranks is unchanged."""
+        if self.dist is None:
+            return self._epoch_loss
+        self.dist.all_reduce(self._epoch_loss)
+        total = self._epoch_loss.clone()
+        if not self.is_main:
+            self._epoch_loss.zero_()
+        return total
 
     def resume_from(self, path: str | os.PathLike) -> None:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -477,24 +594,31 @@ class Trainer:
         return self._train_loader
 
     def train_step(self, batch: Any, targets: Any) -> Tensor:
-        """One optimiser step; returns the loss (a device tensor, no host sync)."""
+        """One optimiser step; returns the loss (a device tensor, no host sync). Distributed:
+        this rank's share of the global batch's loss (the shares of all ranks sum to it)."""
         self.model.train()
-        pred = self.model(batch, task="efsm", create_graph=True)
-        loss, _ = self.loss_fn(pred, targets)
+        if self.ddp is None:
+            pred = self.model(batch, task="efsm", create_graph=True)
+            loss, _ = self.loss_fn(pred, targets)
+            share = loss
+        else:
+            pred = self.ddp(batch, task="efsm", create_graph=True)
+            loss, share = global_loss(self.loss_fn, pred, targets, self.dist)  # type: ignore[arg-type]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        return loss.detach()
+        return share.detach()
 
     def validate(self) -> dict[str, Any]:
         if self.val_set is None or len(self.val_set) == 0:
             return {"loss": float("nan"), "e_mae": float("nan"), "f_mae": float("nan"),
                     "s_mae": float("nan"), "m_mae": float("nan"), "n": 0}
-        return evaluate(self.model, self.val_set, batch_size=self.cfg.eval_batch_size or 2 * self.cfg.batch_size,
-                        device=self.device, loss_fn=self.loss_fn)
+        per_rank = max(1, self.cfg.batch_size // (self.dist.world_size if self.dist else 1))
+        return evaluate(self.model, self.val_set, batch_size=self.cfg.eval_batch_size or 2 * per_rank,
+                        device=self.device, loss_fn=self.loss_fn, env=self.dist)
 
     def fit(self) -> list[dict[str, Any]]:
         """Train up to ``config.epochs`` epochs (from the current state); returns the metric rows
@@ -511,19 +635,33 @@ class Trainer:
                 if start == 0:
                     self._epoch_loss.zero_()
                     self._epoch_count, self._epoch_time = 0, 0.0
+                # host-side facts of every step, known without communication: samples of the global
+                # batch and the CV of the per-rank costs (0 on one device)
+                if isinstance(self.sampler, DistributedBatchSampler):
+                    n_global, step_cv = self.sampler.global_sizes(), self.sampler.step_cv()
+                else:
+                    n_global, step_cv = None, None
                 t0 = time.perf_counter()
                 bar = tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {e + 1}/{self.cfg.epochs}",
-                           disable=not self.cfg.progress, leave=False, dynamic_ncols=True, unit="step",
-                           file=sys.stderr)
+                           disable=not (self.cfg.progress and self.is_main), leave=False,
+                           dynamic_ncols=True, unit="step", file=sys.stderr)
                 for batch, targets, _ in DevicePrefetcher(self._loader(), self.device, self.dtype):
                     loss = self.train_step(batch, targets)
-                    self._epoch_loss += loss.double() * batch.num_graphs
-                    self._epoch_count += batch.num_graphs
+                    n = batch.num_graphs if n_global is None else int(n_global[self.step_in_epoch])
+                    cv = 0.0 if step_cv is None else float(step_cv[self.step_in_epoch])
+                    self._epoch_loss += loss.double() * n
+                    self._epoch_count += n
                     self.step += 1
                     self.step_in_epoch += 1
+                    maybe_inject_fault(self.dist, self.step)
                     bar.update(1)
-                    if self.cfg.progress and (self.step_in_epoch % 10 == 0):
-                        bar.set_postfix(loss=f"{float(self._epoch_loss) / max(self._epoch_count, 1):.4f}")
+                    if self.cfg.progress and self.is_main and (self.step_in_epoch % 10 == 0):
+                        # rank 0's share only in a distributed run (no extra collective)
+                        bar.set_postfix(loss=f"{float(self._epoch_loss) / max(self._epoch_count, 1):.4f}",
+                                        load_cv=f"{cv:.3f}")
+                    if self.cfg.log_every and self.step % self.cfg.log_every == 0:
+                        what = "loss" if self.dist is None else "loss share of rank 0"
+                        self.log(f"step {self.step}  {what} {float(loss):.4f}  load_cv {cv:.4f}")
                     if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 \
                             and self.step_in_epoch < self.steps_per_epoch:
                         self._epoch_time += time.perf_counter() - t0
@@ -539,7 +677,9 @@ class Trainer:
         return rows
 
     def _end_epoch(self) -> dict[str, Any]:
-        train_loss = float(self._epoch_loss) / max(self._epoch_count, 1)
+        train_loss = float(self._sync_epoch_loss()) / max(self._epoch_count, 1)
+        load = (float(self.sampler.step_cv().mean())
+                if isinstance(self.sampler, DistributedBatchSampler) else 0.0)
         if not math.isfinite(train_loss):
             raise FloatingPointError(
                 f"epoch {self.epoch + 1}: training loss is {train_loss}; lower the learning rate "
@@ -551,18 +691,19 @@ class Trainer:
                "lr": self.optimizer.param_groups[0]["lr"], "train_loss": train_loss,
                "val_loss": val["loss"], "val_e_mae": val["e_mae"], "val_f_mae": val["f_mae"],
                "val_s_mae": val["s_mae"], "val_m_mae": val["m_mae"],
-               "structures_per_s": self._epoch_count / max(self._epoch_time, 1e-9)}
-        self._write_metrics(row)
+               "structures_per_s": self._epoch_count / max(self._epoch_time, 1e-9), "load_cv": load}
+        if self.is_main:
+            self._write_metrics(row)
         improved = math.isfinite(val["loss"]) and val["loss"] < self.best_val
         if improved:
             self.best_val = val["loss"]
         self.save(self.out / "last.pt")
-        if improved or not (self.out / "best.pt").exists():
+        if self.is_main and (improved or not (self.out / "best.pt").exists()):
             save_checkpoint(self.model, self.out / "best.pt", epoch=self.epoch, val=val)
         self.log(f"epoch {self.epoch:>3}/{self.cfg.epochs}  {row['time_s']:7.1f} s  lr {row['lr']:.2e}  "
                  f"train {train_loss:.4f}  val {val['loss']:.4f}  MAE e {_fmt(val['e_mae'] * 1e3)} meV/atom  "
                  f"f {_fmt(val['f_mae'] * 1e3)} meV/A  s {_fmt(val['s_mae'])} GPa  m {_fmt(val['m_mae'])} muB"
-                 + ("  *" if improved else ""))
+                 + (f"  load_cv {load:.3f}" if self.dist is not None else "") + ("  *" if improved else ""))
         return row
 
     def _write_metrics(self, row: dict[str, Any]) -> None:
@@ -622,6 +763,12 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] | Non
     ``train(epochs=3, batch_size=8, out="runs/x")`` or ``train(TrainConfig(...))``. With
     ``resume=True`` the run in ``out`` continues from its ``last.pt`` up to ``epochs``; the other
     options are taken from the saved run (a differing ``epochs`` extends or shortens it).
+
+    Launched by torchrun (or SLURM) with several processes, every process calls this: they join
+    one process group (NCCL on CUDA, gloo on the CPU) and train data-parallel; rank 0 returns the
+    test metrics, the other ranks ``{}``. A failure on any rank (a rank that died, a collective past
+    ``dist_timeout``) raises :class:`DistributedTrainingError` naming the rank and the checkpoint to
+    resume from.
     """
     if config is None:
         config = TrainConfig(**overrides)
@@ -633,24 +780,67 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] | Non
         if not last.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint {last}")
         saved = torch.load(last, map_location="cpu", weights_only=True)["trainer"]["train_config"]
-        keep = {"epochs": config.epochs, "resume": True, "progress": config.progress,
-                "device": config.device, "workers": config.workers, "plots": config.plots}
-        config = TrainConfig.from_dict({**saved, **keep})
+        # options that may change on resume (the number of ranks may change too)
+        keep = {k: getattr(config, k) for k in ("epochs", "progress", "device", "workers", "plots",
+                                                 "balance", "bucket_mb", "dist_timeout", "log_every")}
+        config = TrainConfig.from_dict({**saved, **keep, "resume": True})
     elif last.is_file():
         raise FileExistsError(f"{out} already holds a run (last.pt): pass --resume to continue it "
                               "or choose another --out")
+    env = init_distributed(config.device, config.dist_timeout)
+    if env is None:
+        return _train(config, None, log, stop_after_steps)
+    try:
+        result = _train(config, env, log, stop_after_steps)
+    except Exception as exc:
+        step = _checkpoint_step(last)
+        raise DistributedTrainingError(
+            f"rank {env.rank} of {env.world_size}: training stopped ({type(exc).__name__}: {exc}). "
+            "If another rank died or hung, its own error is in its log; a collective waits at most "
+            f"--dist-timeout {config.dist_timeout:g} s. The last checkpoint "
+            + (f"{last} (step {step}) is intact: continue with --resume, on any number of ranks."
+               if step is not None else f"{last} was not written yet.")) from exc
+    shutdown(env)
+    return result
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["trainer"]["step"])
+    except Exception:  # absent or unreadable: reported as not written
+        return None
+
+
+def _train(config: TrainConfig, env: DistEnv | None, log: Callable[[str], None] | None,
+           stop_after_steps: int | None) -> dict[str, Any]:
+    """The job of :func:`train` on this process (``env``: its place in a distributed run)."""
+    main = env is None or env.is_main
+    out = Path(config.out)
+    last = out / "last.pt"
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.tmp"):  # partial writes of a killed run (the real files are intact)
-        stale.unlink()
-    _log = run_logger(out, log)
+    if main:
+        for stale in out.glob("*.tmp"):  # partial writes of a killed run (the real files are intact)
+            stale.unlink()
+    _log = run_logger(out, log) if main else (lambda msg: None)
+    if env is not None:
+        _log(f"distributed: {env.world_size} ranks, backend {env.backend}, global batch "
+             f"{config.batch_size} (~{config.batch_size / env.world_size:.1f} per rank), "
+             f"balance {config.balance}")
 
     torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
     model = build_model(config)
     cutoffs = {"atom_cutoff": model.config.atom_graph_cutoff, "bond_cutoff": model.config.bond_graph_cutoff}
     data_kw = dict(format=config.format, cache_root=config.cache, skip_bad=config.skip_bad,
                    workers=config.cache_workers, log=_log, **cutoffs)
-    cache = prepare_data(config.data, **data_kw)
+
+    def data() -> tuple[GraphCache, GraphCache | None, GraphCache | None]:
+        extra = {**data_kw, "format": "auto"}
+        return (prepare_data(config.data, **data_kw),
+                prepare_data(config.val_data, **extra) if config.val_data is not None else None,
+                prepare_data(config.test_data, **extra) if config.test_data is not None else None)
+
+    # distributed: rank 0 builds the graph cache, the others open it (each reads only its samples)
+    cache, val_cache, test_cache = rank_ordered(env, data)
     n = len(cache) if config.limit is None else min(config.limit, len(cache))
     fractions = list(config.split)
     if config.val_data is not None:
@@ -661,15 +851,16 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] | Non
         fractions[2] = 0.0
     tr, va, te = split_indices(n, fractions, seed=config.seed)
     train_set = GraphDataset(cache, tr)
-    val_set = (GraphDataset(prepare_data(config.val_data, **{**data_kw, "format": "auto"}))
-               if config.val_data is not None else GraphDataset(cache, va))
-    test_set = (GraphDataset(prepare_data(config.test_data, **{**data_kw, "format": "auto"}))
-                if config.test_data is not None else GraphDataset(cache, te))
-    (out / "split.json").write_text(json.dumps({"cache": str(cache.path), "train": tr.tolist(),
-                                                "val": va.tolist(), "test": te.tolist()}))
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+    val_set = GraphDataset(val_cache) if val_cache is not None else GraphDataset(cache, va)
+    test_set = GraphDataset(test_cache) if test_cache is not None else GraphDataset(cache, te)
+    if main:
+        (out / "split.json").write_text(json.dumps({"cache": str(cache.path), "train": tr.tolist(),
+                                                    "val": va.tolist(), "test": te.tolist()}))
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
 
-    if not config.resume:
+    # the AtomRef fit reads the composition of the whole training set: rank 0 only (DDP broadcasts
+    # rank 0's parameters, the AtomRef included, when it wraps the model)
+    if not config.resume and main:
         if model.atom_ref is not None and (config.init is None or config.refit_atom_ref):
             ref, mae = fit_atom_ref(cache, tr, model.config.max_num_elements,
                                     previous=model.atom_ref if config.init is not None else None)
@@ -680,7 +871,8 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] | Non
         frozen = freeze(model, config.freeze)
         _log(f"frozen: {len(frozen)} parameter tensors ({', '.join(config.freeze)})")
 
-    trainer = Trainer(model, config, train_set, val_set, log=log, stop_after_steps=stop_after_steps)
+    trainer = Trainer(model, config, train_set, val_set, log=log, stop_after_steps=stop_after_steps,
+                      dist=env)
     if config.resume:
         trainer.resume_from(last)
         _log(f"resumed {last}: epoch {trainer.epoch}, step {trainer.step} "
@@ -689,9 +881,13 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] | Non
     _log(f"model {config.model}: {n_train:,} trainable parameters; {len(train_set)} train / "
          f"{len(val_set)} val / {len(test_set)} test structures; batch {config.batch_size}, "
          f"lr {config.learning_rate:.3g}, {trainer.steps_per_epoch} steps/epoch, {config.epochs} epochs, "
-         f"{device}, {config.precision}")
+         f"{trainer.device}, {config.precision}")
     trainer.fit()
+    if env is not None:
+        env.barrier()  # every rank done and the last checkpoint written
     if stop_after_steps is not None and trainer.epoch < config.epochs:
+        return {}
+    if not main:
         return {}
     return finish(trainer, cache, test_set, tr, log=_log)
 
