@@ -288,9 +288,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="with --init: refit the per-element reference energies on the training set")
     p.add_argument("--epochs", type=int, default=10, help="total number of epochs [%(default)s]")
     p.add_argument("--batch-size", type=int, default=16,
-                   help="structures per optimiser step on this device [%(default)s]")
+                   help="structures per optimiser step, the GLOBAL batch: under torchrun it is "
+                        "split over all ranks (about batch/ranks each) [%(default)s]")
     p.add_argument("--lr", type=float, default=None,
-                   help="learning rate [batch_size / 128 * 3e-4]")
+                   help="learning rate [global batch_size / 128 * 3e-4]")
     p.add_argument("--min-lr-ratio", type=float, default=0.01,
                    help="cosine schedule ends at this fraction of --lr [%(default)s]")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps [%(default)s]")
@@ -314,6 +315,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="also write last.pt every STEPS steps (0: at epoch ends only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="no parity plots")
+    p.add_argument("--log-every", type=int, default=0, metavar="STEPS",
+                   help="log the loss and the load CV every STEPS steps (0: per epoch only)")
+    d = p.add_argument_group("distributed (torchrun --nproc_per_node N -m fastchgnet train ...)")
+    d.add_argument("--balance", default="greedy", choices=["none", "paper", "greedy"],
+                   help="split of every global batch over the ranks by cost (atoms + bonds + "
+                        "angles): none, paper (smallest + largest in turn), greedy [%(default)s]")
+    d.add_argument("--bucket-mb", type=float, default=None,
+                   help="DDP gradient bucket size in MiB [torch default: 1 MiB first bucket, "
+                        "then 25 MiB]")
+    d.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="a collective that waits longer (a dead or hung rank) stops the job "
+                        "[%(default)s]")
     p.set_defaults(func=_run_train)
 
 
@@ -342,8 +355,16 @@ def _run_train(args: argparse.Namespace) -> int:
         device=args.device, out=args.out, cache=args.cache, workers=args.workers,
         cache_workers=args.cache_workers,
         skip_bad=args.skip_bad, checkpoint_every=args.checkpoint_every,
-        progress=not args.no_progress, plots=not args.no_plots, resume=args.resume)
-    train(cfg)
+        progress=not args.no_progress, plots=not args.no_plots, resume=args.resume,
+        balance=args.balance, bucket_mb=args.bucket_mb, dist_timeout=args.dist_timeout,
+        log_every=args.log_every)
+    from fastchgnet.train.distributed import DistributedTrainingError
+
+    try:
+        train(cfg)
+    except DistributedTrainingError as exc:
+        print(f"fastchgnet train: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
