@@ -36,7 +36,8 @@ def resolve_model(model: Any = "0.3.0", device: str | torch.device | None = None
     Args:
         model: a pretrained name (``"0.3.0"``), a checkpoint path, or a fastchgnet model.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``; None: CUDA when available for a
-            model loaded here, the model's own device for a model passed in.
+            model loaded here (its parameters then need no gradients), the model's own device for a
+            model passed in.
         dtype: parameter dtype (e.g. ``torch.float64``); None keeps the model's (float32 for the
             published weights).
     """
@@ -53,8 +54,11 @@ def resolve_model(model: Any = "0.3.0", device: str | torch.device | None = None
                         f"got {type(model).__name__}")
     from fastchgnet.model.weights import load_model
 
-    return load_model(model, device=resolve_device(None if device is None else str(device)),
-                      dtype=dtype)
+    net = load_model(model, device=resolve_device(None if device is None else str(device)),
+                     dtype=dtype)
+    # inference only: without parameter gradients autograd keeps less for the force pass
+    # (a model passed in is left as it is: it may be trained further)
+    return net.requires_grad_(False)
 
 
 def voigt_stress(s_gpa: np.ndarray) -> np.ndarray:
