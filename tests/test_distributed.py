@@ -262,3 +262,57 @@ def test_global_loss_shares_add_up_to_the_loss_of_the_whole_batch():
     _, share_b = global_loss(fn, *b, _Env(2, ea.seen))
     torch.testing.assert_close(share_a + share_b, whole)
     torch.testing.assert_close(loss_a, 2 * share_a)  # DDP averages over the 2 ranks
+
+
+# ------------------------------------------------------------------------------------------------
+# the scaling tool (python -m fastchgnet.bench_scaling)
+
+
+def test_allreduce_model():
+    from fastchgnet.bench_scaling import Network, allreduce_ms, expected_max_normal
+
+    net = Network(gpus_per_node=8, nvlink_gbps=100.0, nvlink_latency_us=5.0, ib_gbps=10.0, ib_latency_us=10.0)
+    assert allreduce_ms(1e6, 1, net) == 0.0
+    # one node, 4 GPUs: 2 * 3/4 * 1 MB / 100 GB/s + 6 * 5 us = 15 us + 30 us
+    assert allreduce_ms(1e6, 4, net) == pytest.approx(0.045)
+    # 16 GPUs on 2 nodes: the node part with g = 8, plus 2 * 1/2 * (1 MB / 8) / 10 GB/s + 2 * 10 us
+    intra = 2 * 7 / 8 * 1e6 / 100e9 + 14 * 5e-6
+    assert allreduce_ms(1e6, 16, net) == pytest.approx(1e3 * (intra + 12.5e-6 + 20e-6))
+    assert allreduce_ms(1e6, 32, net) > allreduce_ms(1e6, 16, net) > allreduce_ms(1e6, 8, net)
+    assert expected_max_normal(1) == 0.0
+    assert expected_max_normal(4) == pytest.approx(1.029, abs=0.03)  # Blom: 1.049
+    assert expected_max_normal(32) == pytest.approx(2.07, abs=0.05)
+
+
+def test_scaling_prediction_limits():
+    from fastchgnet.bench_scaling import Network, predict
+
+    free = Network(nvlink_gbps=1e12, nvlink_latency_us=0.0, ib_gbps=1e12, ib_latency_us=0.0)
+    # no fixed cost, free communication: strong-scaling efficiency is set by imbalance alone
+    pred = predict(0.0, 1.0, 412_525, net=free, global_batch=512, weak_batch=32)
+    for kind in ("strong", "weak"):
+        rows = pred[kind]
+        assert [r["ranks"] for r in rows] == [4, 8, 16, 32] and rows[0]["efficiency"] == 1.0
+        for r in rows:
+            assert r["efficiency"] == pytest.approx(rows[0]["imbalance"] / r["imbalance"])
+    # a fixed cost per step makes strong scaling sub-linear; communication costs both
+    strong = predict(10.0, 1.0, 412_525)["strong"]
+    assert all(a["efficiency"] > b["efficiency"] for a, b in zip(strong, strong[1:]))
+    assert strong[1]["paper_efficiency"] == 0.825
+    assert all(r["allreduce_ms"] > 0 for r in strong)
+
+
+def test_scaling_tool_runs_on_the_cpu(tmp_path):
+    from fastchgnet.bench_scaling import main
+
+    import io
+
+    buf = io.StringIO()
+    res = main(["--device", "cpu", "--tiny", "--batch-sizes", "1,2", "--repeats", "1", "--warmup", "0",
+                "--max-atoms", "8", "--json", str(tmp_path / "s.json")], stream=buf)
+    assert [r["per_rank_batch"] for r in res["measured"]] == [1, 2]
+    assert all(r["step_ms"] > 0 for r in res["measured"])
+    assert [r["ranks"] for r in res["prediction"]["strong"]] == [4, 8, 16, 32]
+    text = buf.getvalue()
+    assert "strong scaling" in text and "weak scaling" in text and "predicts nothing about GPUs" in text
+    assert json.loads((tmp_path / "s.json").read_text())["rows"][0]["fit"]["k_ms_per_structure"] >= 0
