@@ -233,3 +233,29 @@ def test_lazy_exports():
 
     with pytest.raises(AttributeError):
         fastchgnet.NoSuchThing  # noqa: B018
+
+
+def test_device_graph_mode_matches_host():
+    """graph="device" (torch neighbour list with a Verlet skin) gives the host graph's results
+    along an MD run while reusing its neighbour list; its errors name the structure too."""
+    from fastchgnet.md.dynamics import MolecularDynamics
+
+    net = _small()
+    host = CHGNetCalculator(net, graph="host")
+    dev = CHGNetCalculator(net, graph="device", skin=1.0)
+    assert (host.graph_mode, dev.graph_mode) == ("host", "device")
+    runs = []
+    for calc in (host, dev):
+        md = MolecularDynamics(strained_si(), model=calc, ensemble="nve", starting_temperature=300,
+                               seed=0)
+        md.run(10)
+        runs.append(md.atoms)
+    np.testing.assert_allclose(runs[1].positions, runs[0].positions, atol=1e-10)
+    np.testing.assert_allclose(runs[1].get_stress(), runs[0].get_stress(), atol=1e-12)
+    verlet = dev._device_graph.verlet
+    assert verlet.n_calls == 11 and verlet.n_builds < verlet.n_calls
+
+    atoms = Atoms("Si2", positions=[[0, 0, 0], [10, 10, 10]], cell=np.eye(3) * 20, pbc=True)
+    atoms.calc = CHGNetCalculator(net, graph="device")
+    with pytest.raises(ValueError, match=r"Si2.*isolated"):
+        atoms.get_potential_energy()

@@ -7,8 +7,9 @@ and checkpoints of them. One forward pass per new geometry gives all properties,
 by ASE until the atoms change.
 
 Structures reach the model through one method, :meth:`CHGNetCalculator.atoms_to_batch`; the
-graph is built on the host (``graph="host"``, :func:`fastchgnet.data.build_graph`) or, when
-``fastchgnet.data.device_graph`` is available, on the model's device (``graph="device"``).
+graph is built on the host (``graph="host"``, :func:`fastchgnet.data.build_graph`) or on the
+model's device with a Verlet-skin neighbour list reused between MD steps (``graph="device"``,
+:mod:`fastchgnet.data.device_graph`; the default on CUDA).
 """
 
 from __future__ import annotations
@@ -78,8 +79,10 @@ class CHGNetCalculator(Calculator):
             (``"error"``, default), warns (``"warn"``) or is kept silently (``"ignore"``); a kept
             atom's energy depends on its element only.
         graph: ``"host"`` builds graphs with :func:`fastchgnet.data.build_graph`; ``"device"``
-            with ``fastchgnet.data.device_graph`` on the model's device; ``"auto"`` picks the
-            device graph on CUDA when that module is available, else the host graph.
+            with ``fastchgnet.data.device_graph`` on the model's device, reusing a Verlet
+            neighbour list (pairs within cutoff + ``skin``) while no atom has moved more than
+            ``skin / 2``; ``"auto"``: the device graph on CUDA, the host graph on the CPU.
+        skin: Verlet skin (Å) of the device graph; 0 rebuilds the neighbour list at every call.
         task: the outputs computed per call (``"efsm"`` default; ``"ef"`` skips stress and
             magnetic moments, e.g. for NVE/NVT MD where only forces matter).
         **kwargs: passed to :class:`ase.calculators.calculator.Calculator`.
@@ -98,6 +101,7 @@ class CHGNetCalculator(Calculator):
         dtype: torch.dtype | None = None,
         on_isolated_atoms: str = "error",
         graph: str = "auto",
+        skin: float = 1.0,
         task: str = "efsm",
         **kwargs: Any,
     ) -> None:
@@ -112,6 +116,7 @@ class CHGNetCalculator(Calculator):
         self.model = resolve_model(model, device, dtype)
         self.on_isolated_atoms = on_isolated_atoms
         self.task = task
+        self.skin = float(skin)
         self.graph_mode = self._pick_graph_mode(graph)
         self.n_calls = 0  # model evaluations, for tests and logs
         self._device_graph: Any = None
@@ -134,12 +139,8 @@ class CHGNetCalculator(Calculator):
         return sum(p.numel() for p in self.model.parameters())
 
     def _pick_graph_mode(self, graph: str) -> str:
-        available = _device_graph_module() is not None
-        if graph == "device" and not available:
-            raise ValueError("graph='device' needs fastchgnet.data.device_graph, which this "
-                             "installation does not have; use graph='host'")
         if graph == "auto":
-            return "device" if (available and self.device.type == "cuda") else "host"
+            return "device" if self.device.type == "cuda" else "host"
         return graph
 
     # ------------------------------------------------------------------------------------------
@@ -160,10 +161,13 @@ class CHGNetCalculator(Calculator):
                             **self.model.graph_kwargs())
         return collate([graph], dtype=self.dtype).to(self.device)
 
-    def _device_batch(self, atoms: Any) -> Batch:  # pragma: no cover - needs device_graph
-        mod = _device_graph_module()
+    def _device_batch(self, atoms: Any) -> Batch:
         if self._device_graph is None:
-            self._device_graph = mod.make_builder(self.model, on_isolated_atoms=self.on_isolated_atoms)
+            from fastchgnet.data.device_graph import make_builder
+
+            self._device_graph = make_builder(
+                self.model, skin=self.skin, on_isolated_atoms=self.on_isolated_atoms)
+        self._device_graph.verlet.names = [_label(atoms)]  # error messages name the structure
         return self._device_graph(atoms)
 
     def predict_batch(self, batch: Batch, task: str | None = None) -> dict[str, torch.Tensor]:
@@ -209,15 +213,6 @@ def _label(atoms: Any) -> str:
         return atoms.get_chemical_formula()
     comp = getattr(atoms, "composition", None)
     return comp.formula.replace(" ", "") if comp is not None else type(atoms).__name__
-
-
-def _device_graph_module() -> Any:
-    """``fastchgnet.data.device_graph`` when installed, else None."""
-    try:
-        from fastchgnet.data import device_graph  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return device_graph
 
 
 def as_atoms(structure: Any) -> Any:

@@ -23,6 +23,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--float64", action="store_true", help="run the model in float64")
     p.add_argument("--on-isolated-atoms", default="error", choices=["error", "warn", "ignore"],
                    help="atoms without a neighbour within 6 A [%(default)s]")
+    p.add_argument("--graph", default="auto", choices=["auto", "host", "device"],
+                   help="build graphs on the host or on the model's device with a Verlet skin "
+                        "[%(default)s: device on CUDA, host on the CPU]")
 
 
 def _calculator(args: argparse.Namespace):
@@ -33,7 +36,7 @@ def _calculator(args: argparse.Namespace):
 
     return CHGNetCalculator(args.model, device=_device(args.device),
                             dtype=torch.float64 if args.float64 else None,
-                            on_isolated_atoms=args.on_isolated_atoms)
+                            on_isolated_atoms=args.on_isolated_atoms, graph=args.graph)
 
 
 def _stem(label: str) -> str:
