@@ -131,6 +131,17 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(setup):
     assert test_b["e_mae"] == pytest.approx(test_a["e_mae"], rel=1e-9)
 
 
+def test_two_ranks_train_the_heads_model_like_one_process(setup):
+    """The heads model (forces and stress from output heads, first-order backward) under DDP."""
+    ref = TrainConfig(**{**setup["base"], "epochs": 1, "model": "heads"}, out=str(setup["root"] / "heads1"))
+    train(ref, log=lambda m: None)
+    out, res = _run_ranks(setup, "heads2", epochs=1, model="heads")
+    assert [c for c, _ in res] == [0, 0], res
+    a, b = _params(Path(ref.out) / "last.pt"), _params(out / "last.pt")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-10, msg=k)
+
+
 def test_stopped_on_two_ranks_resumes_on_one(setup):
     """Killed mid-epoch 2 on 2 ranks (checkpoint every step), resumed by a single process: the
     same parameters as the uninterrupted single-process run."""
