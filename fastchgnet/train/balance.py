@@ -181,7 +181,11 @@ class DistributedBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.base = EpochBatchSampler(n, global_batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.world_size, self.rank, self.policy = int(world_size), int(rank), policy
         self._skip = 0
-        self._cache: tuple[int, list[np.ndarray], list[list[np.ndarray]]] | None = None
+        # the current epoch's global batches, and their partitions computed as they are needed
+        # (at the pace of the DataLoader, not all at the start of an epoch)
+        self._epoch: int | None = None
+        self._batches: list[np.ndarray] = []
+        self._parts: dict[int, list[np.ndarray]] = {}
 
     @property
     def epoch(self) -> int:
@@ -195,27 +199,36 @@ class DistributedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def global_batches(self) -> list[np.ndarray]:
         """The global batches of the current epoch (dataset positions), after the last-batch rule."""
-        out = self.base.batches()
-        if len(out) > 1 and len(out[-1]) < self.world_size:
-            out[-2:] = [np.concatenate(out[-2:])]
-        return out
+        if self._epoch != self.epoch:
+            out = self.base.batches()
+            if len(out) > 1 and len(out[-1]) < self.world_size:
+                out[-2:] = [np.concatenate(out[-2:])]
+            self._epoch, self._batches, self._parts = self.epoch, out, {}
+        return self._batches
+
+    def shares(self, step: int) -> list[np.ndarray]:
+        """The positions of every rank in global batch ``step`` of the current epoch."""
+        batches = self.global_batches()
+        if step not in self._parts:
+            b = batches[step]
+            self._parts[step] = [b[p] for p in partition(self.costs[b], self.world_size, self.policy)]
+        return self._parts[step]
 
     def partitions(self) -> list[list[np.ndarray]]:
-        """For each global batch, the positions of every rank (computed once per epoch)."""
-        if self._cache is None or self._cache[0] != self.epoch:
-            batches = self.global_batches()
-            parts = [[b[p] for p in partition(self.costs[b], self.world_size, self.policy)]
-                     for b in batches]
-            self._cache = (self.epoch, batches, parts)
-        return self._cache[2]
+        """For each global batch of the current epoch, the positions of every rank."""
+        return [self.shares(k) for k in range(len(self.global_batches()))]
+
+    def cv(self, step: int) -> float:
+        """CV of the per-rank costs of global batch ``step``."""
+        return load_cv([self.costs[p].sum() for p in self.shares(step)])
 
     def step_cv(self) -> np.ndarray:
         """(steps,) CV of the per-rank costs of every step of the current epoch."""
-        return np.array([load_cv([self.costs[p].sum() for p in parts]) for parts in self.partitions()])
+        return np.array([self.cv(k) for k in range(len(self.global_batches()))])
 
     def global_sizes(self) -> np.ndarray:
         """(steps,) number of samples of every global batch of the current epoch."""
-        return np.array([sum(len(p) for p in parts) for parts in self.partitions()], dtype=np.int64)
+        return np.array([len(b) for b in self.global_batches()], dtype=np.int64)
 
     def __len__(self) -> int:
         n, b = len(self.costs), self.base.batch_size
@@ -226,5 +239,5 @@ class DistributedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         skip, self._skip = self._skip, 0
-        for parts in self.partitions()[skip:]:
-            yield parts[self.rank].tolist()
+        for k in range(skip, len(self.global_batches())):
+            yield self.shares(k)[self.rank].tolist()

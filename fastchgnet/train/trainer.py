@@ -637,10 +637,8 @@ class Trainer:
                     self._epoch_count, self._epoch_time = 0, 0.0
                 # host-side facts of every step, known without communication: samples of the global
                 # batch and the CV of the per-rank costs (0 on one device)
-                if isinstance(self.sampler, DistributedBatchSampler):
-                    n_global, step_cv = self.sampler.global_sizes(), self.sampler.step_cv()
-                else:
-                    n_global, step_cv = None, None
+                dist_sampler = self.sampler if isinstance(self.sampler, DistributedBatchSampler) else None
+                n_global = dist_sampler.global_sizes() if dist_sampler is not None else None
                 t0 = time.perf_counter()
                 bar = tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {e + 1}/{self.cfg.epochs}",
                            disable=not (self.cfg.progress and self.is_main), leave=False,
@@ -648,7 +646,7 @@ class Trainer:
                 for batch, targets, _ in DevicePrefetcher(self._loader(), self.device, self.dtype):
                     loss = self.train_step(batch, targets)
                     n = batch.num_graphs if n_global is None else int(n_global[self.step_in_epoch])
-                    cv = 0.0 if step_cv is None else float(step_cv[self.step_in_epoch])
+                    cv = 0.0 if dist_sampler is None else dist_sampler.cv(self.step_in_epoch)
                     self._epoch_loss += loss.double() * n
                     self._epoch_count += n
                     self.step += 1
