@@ -266,7 +266,7 @@ def main(argv: Sequence[str] | None = None, stream: Any = None) -> dict[str, Any
     net = Network()
     for name, val in asdict(net).items():
         p.add_argument("--" + name.replace("_", "-"), type=type(val), default=val,
-                       help=f"all-reduce model [%(default)s]")
+                       help="all-reduce model [%(default)s]")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)

@@ -314,9 +314,9 @@ def test_scaling_prediction_limits():
 
 
 def test_scaling_tool_runs_on_the_cpu(tmp_path):
-    from fastchgnet.bench_scaling import main
-
     import io
+
+    from fastchgnet.bench_scaling import main
 
     buf = io.StringIO()
     res = main(["--device", "cpu", "--tiny", "--batch-sizes", "1,2", "--repeats", "1", "--warmup", "0",
