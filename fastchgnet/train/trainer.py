@@ -653,13 +653,15 @@ class Trainer:
                     self.step_in_epoch += 1
                     maybe_inject_fault(self.dist, self.step)
                     bar.update(1)
+                    # distributed: rank 0's share times the number of ranks estimates the loss
+                    # without a collective (the exact epoch loss is reduced at the epoch's end)
+                    scale = 1 if self.dist is None else self.dist.world_size
                     if self.cfg.progress and self.is_main and (self.step_in_epoch % 10 == 0):
-                        # rank 0's share only in a distributed run (no extra collective)
-                        bar.set_postfix(loss=f"{float(self._epoch_loss) / max(self._epoch_count, 1):.4f}",
-                                        load_cv=f"{cv:.3f}")
+                        running = scale * float(self._epoch_loss) / max(self._epoch_count, 1)
+                        bar.set_postfix(loss=f"{running:.4f}", load_cv=f"{cv:.3f}")
                     if self.cfg.log_every and self.step % self.cfg.log_every == 0:
-                        what = "loss" if self.dist is None else "loss share of rank 0"
-                        self.log(f"step {self.step}  {what} {float(loss):.4f}  load_cv {cv:.4f}")
+                        what = "loss" if self.dist is None else "loss (rank 0 share x ranks)"
+                        self.log(f"step {self.step}  {what} {scale * float(loss):.4f}  load_cv {cv:.4f}")
                     if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 \
                             and self.step_in_epoch < self.steps_per_epoch:
                         self._epoch_time += time.perf_counter() - t0
