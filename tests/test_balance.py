@@ -132,3 +132,38 @@ def test_step_cv_matches_the_rank_costs():
         assert cv == pytest.approx(load_cv([costs[r[k]].sum() for r in ranks]))
     assert load_cv([5.0]) == 0.0 and load_cv([1.0, 1.0]) == 0.0
     assert load_cv([1.0, 3.0]) == pytest.approx(0.5)
+
+
+def test_each_rank_reads_only_its_share(tmp_path):
+    """Through a DataLoader, a rank's sampler reads from the cache only the samples of its own
+    shares: disjoint between ranks, together the whole training set, about n / ranks each."""
+    import torch
+
+    from fastchgnet.data.cache import build_cache
+    from fastchgnet.data.prototypes import random_structures
+    from fastchgnet.data.readers import samples_from_structures
+    from fastchgnet.train.data import Collator, GraphDataset
+
+    structs = random_structures(24, seed=4, max_atoms=8)
+    cache = build_cache(samples_from_structures(structs, energies=[-1.0] * 24), tmp_path,
+                        source_hash="share", workers=1)
+
+    class Recording(GraphDataset):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.read: list[int] = []
+
+        def __getitem__(self, i):
+            self.read.append(int(self.indices[i]))
+            return super().__getitem__(i)
+
+    train = np.arange(2, 24)  # cache indices 0, 1 are not training samples
+    reads = []
+    for rank in range(3):
+        ds = Recording(cache, train)
+        sampler = DistributedBatchSampler(sample_costs(ds.sizes()), 8, 3, rank, seed=1)
+        for _ in torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=Collator()):
+            pass
+        reads.append(ds.read)
+    assert sorted(i for r in reads for i in r) == train.tolist()
+    assert all(3 <= len(r) <= 12 for r in reads), [len(r) for r in reads]
