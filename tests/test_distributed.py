@@ -160,6 +160,19 @@ def test_stopped_on_two_ranks_resumes_on_one(setup):
     assert float(rb[1]["train_loss"]) == pytest.approx(float(ra[1]["train_loss"]), rel=1e-9)
 
 
+def test_stopped_on_one_process_resumes_on_two_ranks(setup):
+    out = setup["root"] / "grow"
+    cfg = TrainConfig(**setup["base"], out=str(out), checkpoint_every=1)
+    assert train(cfg, log=lambda m: None, stop_after_steps=5) == {}
+    spec = {"config": {"out": str(out), "epochs": 2, "resume": True, "device": "cpu", "progress": False}}
+    res = _launch([sys.executable, str(setup["worker"]), json.dumps(spec)], 2, out / "logs")
+    assert [c for c, _ in res] == [0, 0], res
+    a, b = _params(setup["ref"] / "last.pt"), _params(out / "last.pt")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-10, msg=k)
+    assert torch.load(out / "last.pt", weights_only=True)["trainer"]["world_size"] == 2
+
+
 def test_torchrun_cli(setup, tmp_path):
     """The documented launch: torchrun --nproc_per_node 2 -m fastchgnet train ..."""
     out = tmp_path / "cli"
