@@ -315,6 +315,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="also write last.pt every STEPS steps (0: at epoch ends only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="no parity plots")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the training forward of a heads model (--model heads); "
+                        "BACKEND defaults to inductor")
     p.add_argument("--log-every", type=int, default=0, metavar="STEPS",
                    help="log the loss and the load CV every STEPS steps (0: per epoch only)")
     d = p.add_argument_group("distributed (torchrun --nproc_per_node N -m fastchgnet train ...)")
@@ -357,7 +360,7 @@ def _run_train(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad, checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress, plots=not args.no_plots, resume=args.resume,
         balance=args.balance, bucket_mb=args.bucket_mb, dist_timeout=args.dist_timeout,
-        log_every=args.log_every)
+        log_every=args.log_every, compile=args.compile)
     from fastchgnet.train.distributed import DistributedTrainingError
 
     try:

@@ -142,6 +142,25 @@ def test_two_ranks_train_the_heads_model_like_one_process(setup):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-10, msg=k)
 
 
+@pytest.mark.slow
+def test_two_ranks_train_the_compiled_heads_model_like_one_eager_process(setup):
+    """torch.compile of the DDP-wrapped heads model (backend aot_eager: the graph capture and
+    AOTAutograd of inductor, without code generation, which would take minutes on a CPU)."""
+    ref = TrainConfig(**{**setup["base"], "epochs": 1, "model": "heads"}, out=str(setup["root"] / "heads1c"))
+    train(ref, log=lambda m: None)
+    out, res = _run_ranks(setup, "heads2c", epochs=1, model="heads", compile="aot_eager")
+    assert [c for c, _ in res] == [0, 0], res
+    a, b = _params(Path(ref.out) / "last.pt"), _params(out / "last.pt")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-10, msg=k)
+
+
+def test_compile_needs_a_heads_model(setup, tmp_path):
+    cfg = TrainConfig(**{**setup["base"], "epochs": 1, "compile": "eager"}, out=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="--model heads"):
+        train(cfg, log=lambda m: None)
+
+
 def test_stopped_on_two_ranks_resumes_on_one(setup):
     """Killed mid-epoch 2 on 2 ranks (checkpoint every step), resumed by a single process: the
     same parameters as the uninterrupted single-process run."""

@@ -117,6 +117,7 @@ class TrainConfig:
     progress: bool = True
     plots: bool = True
     resume: bool = False
+    compile: str | None = None  # torch.compile backend ("inductor", ...) for a heads model's step
     # distributed runs only (ignored by a single process)
     balance: str = "greedy"  # split of each global batch over the ranks: none, paper, greedy
     bucket_mb: float | None = None  # DDP gradient bucket size (None: torch's 1 MiB first, then 25)
@@ -500,6 +501,16 @@ class Trainer:
                 sample_costs(train_set.sizes()), config.batch_size, dist.world_size, dist.rank,
                 policy=config.balance, seed=config.seed)
             self.ddp = _wrap_ddp(self.model, config)
+        self._forward: Callable[..., dict[str, Tensor]] = self.ddp if self.ddp is not None else self.model
+        if config.compile:
+            if getattr(self.model, "forces_by_autograd", True):
+                raise ValueError(
+                    f"--compile needs a model whose forces and stress come from heads (--model heads); "
+                    f"{config.model!r} trains through the force gradient (second order), which "
+                    "compiled graphs cannot differentiate")
+            # distributed: the DDP module is compiled (dynamo splits the graph at the gradient
+            # buckets, so the all-reduce still overlaps the backward)
+            self._forward = torch.compile(self._forward, backend=config.compile, dynamic=True)
         self.steps_per_epoch = len(self.sampler)
         self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, total_steps=config.epochs * self.steps_per_epoch,
@@ -597,13 +608,12 @@ class Trainer:
         """One optimiser step; returns the loss (a device tensor, no host sync). Distributed:
         this rank's share of the global batch's loss (the shares of all ranks sum to it)."""
         self.model.train()
-        if self.ddp is None:
-            pred = self.model(batch, task="efsm", create_graph=True)
+        pred = self._forward(batch, task="efsm", create_graph=True)
+        if self.dist is None:
             loss, _ = self.loss_fn(pred, targets)
             share = loss
         else:
-            pred = self.ddp(batch, task="efsm", create_graph=True)
-            loss, share = global_loss(self.loss_fn, pred, targets, self.dist)  # type: ignore[arg-type]
+            loss, share = global_loss(self.loss_fn, pred, targets, self.dist)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip is not None:
@@ -782,7 +792,8 @@ def train(config: TrainConfig | None = None, *, log: Callable[[str], None] | Non
         saved = torch.load(last, map_location="cpu", weights_only=True)["trainer"]["train_config"]
         # options that may change on resume (the number of ranks may change too)
         keep = {k: getattr(config, k) for k in ("epochs", "progress", "device", "workers", "plots",
-                                                 "balance", "bucket_mb", "dist_timeout", "log_every")}
+                                                 "balance", "bucket_mb", "dist_timeout", "log_every",
+                                                 "compile")}
         config = TrainConfig.from_dict({**saved, **keep, "resume": True})
     elif last.is_file():
         raise FileExistsError(f"{out} already holds a run (last.pt): pass --resume to continue it "
