@@ -229,8 +229,11 @@ def test_bad_options():
 
 def test_lazy_exports():
     assert fastchgnet.CHGNetCalculator is CHGNetCalculator
-    from fastchgnet.md import MolecularDynamics, StructOptimizer, relax_structure  # noqa: F401
+    from fastchgnet.md import dynamics, relax
 
+    assert fastchgnet.MolecularDynamics is dynamics.MolecularDynamics
+    assert fastchgnet.StructOptimizer is relax.StructOptimizer
+    assert fastchgnet.relax_structure is relax.relax_structure
     with pytest.raises(AttributeError):
         fastchgnet.NoSuchThing  # noqa: B018
 

@@ -100,6 +100,21 @@ def test_relax_positions_only_and_files(calc, tmp_path):
     np.testing.assert_allclose(frames[-1].positions, atoms.positions, atol=1e-6)
 
 
+def test_relax_structure_from_pymatgen(calc):
+    """A pymatgen Structure goes in; the relaxed Structure comes back with magnetic moments."""
+    from pymatgen.core import Structure
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    from fastchgnet.md.relax import relax_structure
+
+    res = relax_structure(AseAtomsAdaptor.get_structure(strained_si8()), calc, optimizer="BFGS",
+                          fmax=0.05)
+    assert res.converged
+    assert isinstance(res.final_structure, Structure) and len(res.final_structure) == 8
+    np.testing.assert_allclose(res.final_structure.lattice.matrix, res.atoms.cell[:], atol=1e-8)
+    assert len(res.final_structure.site_properties["magmom"]) == 8
+
+
 def test_relax_bad_options(calc):
     with pytest.raises(ValueError, match="optimizer"):
         StructOptimizer(calc, "Newton")
