@@ -262,3 +262,21 @@ def test_device_graph_mode_matches_host():
     atoms.calc = CHGNetCalculator(net, graph="device")
     with pytest.raises(ValueError, match=r"Si2.*isolated"):
         atoms.get_potential_energy()
+
+
+def test_forward_hook_compiled():
+    """``forward=`` replaces the model call (here fastchgnet.md.compiled.CompiledForward with the
+    eager backend): same energy, forces, stress and magmoms; no per-site energies then."""
+    compiled = pytest.importorskip("fastchgnet.md.compiled")
+    net = _small()
+    atoms = strained_si()
+    atoms.calc = CHGNetCalculator(net)
+    ref = {"e": atoms.get_potential_energy(), "f": atoms.get_forces(), "s": atoms.get_stress(),
+           "m": atoms.get_magnetic_moments()}
+    fast = atoms.copy()
+    fast.calc = CHGNetCalculator(net, forward=compiled.CompiledForward(net, backend="eager"))
+    assert abs(fast.get_potential_energy() - ref["e"]) < 1e-9
+    np.testing.assert_allclose(fast.get_forces(), ref["f"], atol=1e-10)
+    np.testing.assert_allclose(fast.get_stress(), ref["s"], atol=1e-12)
+    np.testing.assert_allclose(fast.get_magnetic_moments(), ref["m"], atol=1e-10)
+    assert "energies" not in fast.calc.results

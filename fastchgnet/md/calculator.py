@@ -15,7 +15,7 @@ model's device with a Verlet-skin neighbour list reused between MD steps (``grap
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -85,6 +85,9 @@ class CHGNetCalculator(Calculator):
         skin: Verlet skin (Å) of the device graph; 0 rebuilds the neighbour list at every call.
         task: the outputs computed per call (``"efsm"`` default; ``"ef"`` skips stress and
             magnetic moments, e.g. for NVE/NVT MD where only forces matter).
+        forward: replaces the model call: ``forward(batch, task) -> outputs``, e.g.
+            ``fastchgnet.md.compiled.CompiledForward(model)`` or ``CUDAGraphForward(model)``
+            (without per-site energies in its outputs, ``energies`` is not available).
         **kwargs: passed to :class:`ase.calculators.calculator.Calculator`.
 
     Results (``calc.results``): ``energy`` and ``free_energy`` (eV, total), ``forces`` (n, 3)
@@ -103,6 +106,7 @@ class CHGNetCalculator(Calculator):
         graph: str = "auto",
         skin: float = 1.0,
         task: str = "efsm",
+        forward: Callable[[Batch, str], dict[str, torch.Tensor]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -117,6 +121,7 @@ class CHGNetCalculator(Calculator):
         self.on_isolated_atoms = on_isolated_atoms
         self.task = task
         self.skin = float(skin)
+        self.forward = forward
         self.graph_mode = self._pick_graph_mode(graph)
         self.n_calls = 0  # model evaluations, for tests and logs
         self._device_graph: Any = None
@@ -171,7 +176,10 @@ class CHGNetCalculator(Calculator):
         return self._device_graph(atoms)
 
     def predict_batch(self, batch: Batch, task: str | None = None) -> dict[str, torch.Tensor]:
-        """Raw model outputs (tensors on the device) for a batch, with per-site energies."""
+        """Raw model outputs (tensors on the device) for a batch, with per-site energies unless
+        a ``forward`` replaces the model call."""
+        if self.forward is not None:
+            return self.forward(batch, task or self.task)
         return self.model(batch, task=task or self.task, create_graph=False,
                           return_site_energies=True)
 
@@ -194,7 +202,8 @@ class CHGNetCalculator(Calculator):
         energy = float(arr["e"][0]) * n if self.model.config.is_intensive else float(arr["e"][0])
         self.results["energy"] = energy
         self.results["free_energy"] = energy
-        self.results["energies"] = arr["site_energies"]
+        if "site_energies" in arr:
+            self.results["energies"] = arr["site_energies"]
         if "f" in arr:
             self.results["forces"] = arr["f"]
         if "s" in arr:
