@@ -182,6 +182,8 @@ def test_task_ef_computes_stress_on_request():
     assert "stress" not in calc.results and "magmoms" not in calc.results
     full = CHGNetCalculator(calc.model, device="cpu")
     np.testing.assert_allclose(atoms.get_stress(), full.get_stress(atoms), atol=1e-12)
+    energy_only = CHGNetCalculator(calc.model, task="e")
+    np.testing.assert_allclose(energy_only.get_forces(atoms), full.get_forces(atoms), atol=1e-12)
 
 
 def test_structure_input_and_batch():

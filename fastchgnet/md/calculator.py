@@ -28,6 +28,7 @@ from fastchgnet.data.graph import build_graph
 __all__ = ["CHGNetCalculator", "as_atoms", "make_calculator", "resolve_model", "voigt_stress"]
 
 GRAPH_MODES = ("auto", "host", "device")
+_LETTER = {"forces": "f", "stress": "s", "magmoms": "m"}  # ASE property -> model task letter
 
 
 def resolve_model(model: Any = "0.3.0", device: str | torch.device | None = None,
@@ -188,11 +189,9 @@ class CHGNetCalculator(Calculator):
         """Compute every property of :attr:`task` for ``atoms`` (one forward pass)."""
         super().calculate(atoms, properties or ["energy"], system_changes)
         atoms = self.atoms
-        task = self.task
-        if properties and "stress" in properties and "s" not in task:
-            task += "s"
-        if properties and "magmoms" in properties and "m" not in task:
-            task += "m"
+        # the configured outputs plus any requested ones, in the model's "efsm" order
+        wanted = set(self.task) | {_LETTER[p] for p in properties or () if p in _LETTER}
+        task = "".join(k for k in "efsm" if k in wanted)
         out = self.predict_batch(self.atoms_to_batch(atoms), task)
         self.n_calls += 1
         n = len(atoms)
