@@ -129,6 +129,11 @@ class FrameRecorder:
         self.positions.append(self.atoms.get_positions())
         self.cells.append(np.array(self.atoms.get_cell()[:]))
 
+    @property
+    def atom_positions(self) -> list[np.ndarray]:
+        """chgnet's name for :attr:`positions`."""
+        return self.positions
+
     def __len__(self) -> int:
         return len(self.steps)
 
