@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import functools
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -81,6 +82,7 @@ __all__ = [
     "run_train_bench",
     "step_memory_mib",
     "train_loss",
+    "variant_steps",
 ]
 
 # the FastCHGNet / CHGNet training defaults
@@ -280,6 +282,35 @@ def ours_train_step(model: Any, optimizer: torch.optim.Optimizer, batch: Any,
     return loss.detach()
 
 
+def variant_steps(exact: Any, names: Sequence[str],
+                  compile_heads: bool = False) -> dict[str, Callable[[Any, dict], torch.Tensor]]:
+    """Training-step functions ``step(batch, labels) -> loss`` of other model variants, each a
+    copy of ``exact``'s weights in that variant (heads: seeded initialisation) with its own Adam.
+    ``heads_compiled`` (with ``compile_heads``) is the heads step under
+    :class:`~fastchgnet.model.compile.CompiledStep`."""
+    from fastchgnet.model.compile import CompiledStep
+    from fastchgnet.model.weights import MODEL_TYPES
+
+    p = next(exact.parameters())
+    steps: dict[str, Callable[[Any, dict], torch.Tensor]] = {}
+    wanted = list(names) + (["heads_compiled"] if compile_heads else [])
+    for name in wanted:
+        kind = "heads" if name == "heads_compiled" else name
+        if kind not in MODEL_TYPES:
+            raise ValueError(f"unknown model variant {name!r}; known: {sorted(MODEL_TYPES)}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = MODEL_TYPES[kind](exact.config)
+        net.load_state_dict(exact.state_dict(), strict=False)
+        net = net.to(device=p.device, dtype=p.dtype).train()
+        opt = make_optimizer(net)
+        if name == "heads_compiled":
+            steps[name] = CompiledStep(net, lambda pred, y, batch: (train_loss(pred, y), {}), opt)
+        else:
+            steps[name] = functools.partial(ours_train_step, net, opt)
+    return steps
+
+
 def chgnet_train_step(model: Any, optimizer: torch.optim.Optimizer, graphs: Sequence[Any],
                       labels: dict[str, torch.Tensor]) -> torch.Tensor:
     """The same step on the reference ``chgnet.model.CHGNet`` (graphs already on the device).
@@ -362,6 +393,8 @@ def run_train_bench(
     seed: int = 0,
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
+    models: Sequence[str] = ("exact",),
+    compile_heads: bool = False,
 ) -> list[dict]:
     """Time one training step of both implementations at each batch size; one row per size.
 
@@ -377,13 +410,21 @@ def run_train_bench(
         seed: seed of the structures (batch size ``B`` uses ``seed + B``) and labels.
         threads: torch intra-op threads for the run (restored afterwards).
         progress: called with each case's name before it runs.
+        models: our model variants to time side by side (``exact``, ``decoupled``, ``heads``),
+            all from the same 0.3.0 backbone weights (the heads start from their seeded
+            initialisation); ``exact`` is always included and is the ``ours`` columns.
+        compile_heads: also time the ``heads`` step compiled with
+            :class:`~fastchgnet.model.compile.CompiledStep` (Inductor, dynamic shapes) as
+            ``heads_compiled``; its compilation happens in the warm-up steps.
 
     Row fields: ``case``, ``batch_size``, ``atoms``, ``bonds``, ``directed_bonds``, ``angles``,
     ``ours_ms``, ``ref_ms``, ``ratio`` (ref/ours, > 1: fastchgnet faster), minima and all
     timings, ``kernels`` (used) and ``kernels_requested``, ``loss_ours``/``loss_ref`` (of the
     last step), and on CUDA ``ours_peak_mib``/``ref_peak_mib`` (peak allocated during one
     step), ``ours_step_mib``/``ref_step_mib`` (the part above what was allocated before the
-    step), ``ours_kernels``/``ref_kernels`` (CUDA kernels launched by one step).
+    step), ``ours_kernels``/``ref_kernels`` (CUDA kernels launched by one step). Each extra
+    variant ``V`` adds ``V_ms``, ``V_vs_exact`` (exact/V, > 1: V faster), ``V_vs_ref``, ``loss_V``
+    and on CUDA ``V_peak_mib``, ``V_kernels``.
     """
     device = resolve_device(device)
     if threads is not None:
@@ -392,7 +433,7 @@ def run_train_bench(
         try:
             return run_train_bench(device, batch_sizes, repeats, warmup, kernels,
                                    reference=reference, max_atoms=max_atoms, seed=seed,
-                                   progress=progress)
+                                   progress=progress, models=models, compile_heads=compile_heads)
         finally:
             torch.set_num_threads(old)
     sizes = tuple(int(b) for b in (batch_sizes or default_batch_sizes(device)))
@@ -406,6 +447,7 @@ def run_train_bench(
         model, weights = load_our_model(device)
         model.train()
         opt = make_optimizer(model)
+        variants = variant_steps(model, [m for m in models if m != "exact"], compile_heads)
         ref = load_reference(device) if reference else None
         conv = reference_converter() if ref is not None else None
         if ref is not None:
@@ -425,6 +467,11 @@ def run_train_bench(
                 last["ours"] = ours_train_step(model, opt, batch, labels)
 
             fns: dict[str, Callable[[], Any]] = {"ours": ours}
+            for vname, vstep in variants.items():
+                def variant(vname=vname, vstep=vstep, batch=batch, labels=labels) -> None:
+                    last[vname] = vstep(batch, labels)
+
+                fns[vname] = variant
             ref_sizes: dict = {}
             if ref is not None:
                 graphs, ref_labels, ref_sizes = chgnet_inputs(data, conv, device)
@@ -453,6 +500,15 @@ def run_train_bench(
                 "loss_ours": float(last["ours"]) if "ours" in last else None,
                 "loss_ref": float(last["ref"]) if "ref" in last else None,
             }
+            for vname in variants:
+                v_ms = statistics.median(times[vname])
+                row.update({f"{vname}_ms": v_ms, f"{vname}_ms_all": times[vname],
+                            f"{vname}_vs_exact": row["ours_ms"] / v_ms,
+                            f"{vname}_vs_ref": row["ref_ms"] / v_ms if row["ref_ms"] else None,
+                            f"loss_{vname}": float(last[vname])})
+                if cuda:
+                    row[f"{vname}_peak_mib"], _ = step_memory_mib(fns[vname], device)
+                    row[f"{vname}_kernels"] = count_cuda_kernels(fns[vname], device)
             if cuda:
                 row["ours_peak_mib"], row["ours_step_mib"] = step_memory_mib(fns["ours"], device)
                 row["ours_kernels"] = count_cuda_kernels(fns["ours"], device)
@@ -472,24 +528,46 @@ def run_train_bench(
 # output
 
 
+def _variants(rows: list[dict]) -> list[str]:
+    """Names of the extra model variants present in the rows (in order of appearance)."""
+    seen: list[str] = []
+    for r in rows:
+        seen += [k[:-len("_vs_exact")] for k in r if k.endswith("_vs_exact") and
+                 k[:-len("_vs_exact")] not in seen]
+    return seen
+
+
 def format_train_table(rows: list[dict]) -> str:
-    """Plain-text table of :func:`run_train_bench` rows (memory/kernel columns on CUDA)."""
+    """Plain-text table of :func:`run_train_bench` rows (memory/kernel columns on CUDA; one
+    time and one exact/variant ratio column per extra model variant)."""
     cuda = any("ours_peak_mib" in r for r in rows)
+    variants = _variants(rows)
     head = ["case", "atoms", "bonds", "angles", "ours ms", "chgnet ms", "chgnet/ours"]
+    for v in variants:
+        head += [f"{v} ms", f"exact/{v}", f"chgnet/{v}"]
     if cuda:
         head += ["ours MiB", "chgnet MiB", "ours kern", "chgnet kern"]
+        head += [f"{v} MiB" for v in variants]
     head.append("kernels")
     body = []
     for r in rows:
         line = [r["case"], str(r["atoms"]), str(r["bonds"]), str(r["angles"]),
                 fmt_or_na(r["ours_ms"], ".1f"), fmt_or_na(r.get("ref_ms"), ".1f"),
-                "n/a" if r.get("ratio") is None else f"{r['ratio']:.2f}x"]
+                _times(r.get("ratio"))]
+        for v in variants:
+            line += [fmt_or_na(r.get(f"{v}_ms"), ".1f"), _times(r.get(f"{v}_vs_exact")),
+                     _times(r.get(f"{v}_vs_ref"))]
         if cuda:
             line += [fmt_or_na(r.get("ours_peak_mib"), ".0f"), fmt_or_na(r.get("ref_peak_mib"), ".0f"),
                      fmt_or_na(r.get("ours_kernels"), "d"), fmt_or_na(r.get("ref_kernels"), "d")]
+            line += [fmt_or_na(r.get(f"{v}_peak_mib"), ".0f") for v in variants]
         line.append(str(r.get("kernels")))
         body.append(line)
     return text_table(head, body)
+
+
+def _times(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
 
 
 def main(argv: Sequence[str] | None = None, stream: Any = None) -> list[dict]:
@@ -507,8 +585,14 @@ def main(argv: Sequence[str] | None = None, stream: Any = None) -> list[dict]:
                    help="largest structure [cuda: 64; cpu: 16]")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--no-reference", action="store_true", help="time fastchgnet only")
+    p.add_argument("--models", default="exact",
+                   help="comma-separated variants timed side by side: exact, decoupled, heads "
+                        "[%(default)s]")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the heads step compiled (CompiledStep, Inductor)")
     p.add_argument("--json", default=None, metavar="PATH", help="save environment and rows")
     args = p.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
     stream = stream or sys.stdout
 
     device = resolve_device(args.device)
@@ -522,6 +606,7 @@ def main(argv: Sequence[str] | None = None, stream: Any = None) -> list[dict]:
     try:
         rows = run_train_bench(device, sizes, args.repeats, args.warmup, args.kernels,
                                reference=not args.no_reference, max_atoms=args.max_atoms,
+                               models=models, compile_heads=args.compile,
                                progress=lambda n: print(f"  running {n} ...", file=sys.stderr,
                                                         flush=True))
     except ValueError as exc:  # e.g. --kernels triton on the CPU without TRITON_INTERPRET=1
@@ -534,7 +619,8 @@ def main(argv: Sequence[str] | None = None, stream: Any = None) -> list[dict]:
           f"structures: {src}; total {wall:.1f} s", file=stream)
     if args.json:
         settings = {k: getattr(args, k) for k in ("batch_sizes", "repeats", "warmup", "kernels",
-                                                  "max_atoms", "threads", "no_reference")}
+                                                  "max_atoms", "threads", "no_reference",
+                                                  "models", "compile")}
         settings.update(loss_weights=LOSS_WEIGHTS, huber_delta=HUBER_DELTA, optimizer="Adam",
                         lr=LEARNING_RATE)
         save_record(args.json, env, settings, wall, rows, stream)

@@ -106,6 +106,8 @@ def collate(graphs: Sequence[CrystalGraph], dtype: torch.dtype = torch.float32) 
     sign = cat("angle_sign1").astype(np.int64) * cat("angle_sign2")
 
     def t(a: np.ndarray, dt: torch.dtype = torch.int64) -> Tensor:
+        if a.size == 0:  # numpy may give empty arrays zero strides; compiled graphs guard on them
+            return torch.empty(a.shape, dtype=dt)
         return torch.from_numpy(np.ascontiguousarray(a)).to(dt)
 
     return Batch(

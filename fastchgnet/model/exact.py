@@ -60,7 +60,6 @@ class CHGNet(nn.Module):
         self.config = c = config
         self.version: str | None = None
         self._compiled_interaction: Any = None  # set by fastchgnet.model.compile.compile_blocks
-        self._eager_blocks = False
         A, B, G = c.atom_fea_dim, c.bond_fea_dim, c.angle_fea_dim
         norm = c.gMLP_norm == "layer"
 
@@ -136,14 +135,14 @@ class CHGNet(nn.Module):
         if create_graph is None:
             create_graph = self.training
         by_grad = self.forces_by_autograd and (want_f or want_s)
-        # compiled blocks (compile_blocks) cannot be differentiated twice: eager for those calls
-        self._eager_blocks = by_grad and create_graph
         with torch.enable_grad() if by_grad else nullcontext():
             vec = self.bond_vectors(batch)
             if by_grad and not vec.requires_grad:
                 vec.requires_grad_(True)
             out = self._energy(batch, vec, want_m, return_site_energies, return_crystal_feas,
-                               return_atom_feas, keep_features=(want_f or want_s) and not by_grad)
+                               return_atom_feas, keep_features=(want_f or want_s) and not by_grad,
+                               # compiled blocks cannot be differentiated twice: eager then
+                               compiled_blocks=not (by_grad and create_graph))
             energy = out.pop("_total")  # (n_graphs,) eV, without the AtomRef part
             if want_f or want_s:
                 self.forces_stress(batch, vec, energy, out, want_f, want_s, create_graph)
@@ -178,7 +177,7 @@ class CHGNet(nn.Module):
 
     def _energy(self, batch: Batch, vec: Tensor, want_m: bool, want_site: bool,
                 want_crystal: bool, want_atom_fea: bool,
-                keep_features: bool = False) -> dict[str, Tensor]:
+                keep_features: bool = False, compiled_blocks: bool = True) -> dict[str, Tensor]:
         """Energy (``_total``, eV, no AtomRef) and requested outputs; ``keep_features`` adds the
         final features and geometry for output heads (``_atom``, ``_bond``, ``_length``, ``_unit``)."""
         c = self.config
@@ -202,7 +201,7 @@ class CHGNet(nn.Module):
         out: dict[str, Tensor] = {}
         n_blocks = c.n_conv - 1
         block = self.interaction
-        if self._compiled_interaction is not None and not self._eager_blocks:
+        if self._compiled_interaction is not None and compiled_blocks:
             block = self._compiled_interaction
         for i in range(n_blocks):
             # the angle features of the last block are never read: skip that update
