@@ -8,7 +8,8 @@ Quick use::
 """
 
 from fastchgnet.data import Batch, CrystalGraph, build_graph, build_graphs, collate
-from fastchgnet.model import CHGNet, CHGNetConfig, DecoupledCHGNet, load_model, predict, save_checkpoint
+from fastchgnet.model import (CHGNet, CHGNetConfig, DecoupledCHGNet, HeadsCHGNet, load_model, predict,
+                              save_checkpoint)
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "CHGNetConfig",
     "CrystalGraph",
     "DecoupledCHGNet",
+    "HeadsCHGNet",
     "MolecularDynamics",
     "StructOptimizer",
     "build_graph",

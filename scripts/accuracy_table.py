@@ -1,0 +1,81 @@
+"""Accuracy of the model variants under one training budget (FastCHGNet Table I analogue).
+
+Trains ``exact``, ``decoupled`` and ``heads`` from scratch with the same architecture, data split,
+seed, epochs, batch size and learning rate, and reports their test MAEs (energy meV/atom, forces
+meV/Å, stress GPa, magnetic moments mμB) next to the per-element baseline::
+
+    python scripts/accuracy_table.py --dataset mlearn-Si --epochs 30 --out runs/accuracy
+    python scripts/accuracy_table.py --dataset builtin --limit 1000 --epochs 8
+
+The JSON record (one row per variant, with the budget and the wall time) goes to ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fastchgnet.bench import environment
+from fastchgnet.train import TrainConfig, train
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mlearn"
+ARCH = dict(atom_fea_dim=32, bond_fea_dim=32, angle_fea_dim=32, n_conv=3, atom_conv_hidden_dim=32,
+            bond_conv_hidden_dim=32, mlp_hidden_dims=(32, 32), head_hidden_dim=32)
+
+
+def dataset_args(name: str) -> dict:
+    if name == "builtin":
+        return {"data": None, "split": (0.9, 0.05, 0.05)}
+    if name.startswith("mlearn-"):
+        el = name.split("-", 1)[1]
+        return {"data": str(SHARED / el / "training.json"), "test_data": str(SHARED / el / "test.json"),
+                "split": (0.9, 0.1, 0.0)}
+    raise ValueError(f"unknown dataset {name!r}: builtin or mlearn-<El>")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="mlearn-Si")
+    p.add_argument("--models", default="exact,decoupled,heads")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="runs/accuracy")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for model in args.models.split(","):
+        cfg = TrainConfig(**dataset_args(args.dataset), model=model, model_config=dict(ARCH),
+                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          limit=args.limit, seed=args.seed, device="cpu", progress=False,
+                          plots=False, out=f"{args.out}/{args.dataset}-{model}")
+        t0 = time.perf_counter()
+        metrics = train(cfg)
+        rows.append({"model": model, "wall_s": time.perf_counter() - t0, **metrics})
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"\n| model | energy meV/atom | forces meV/Å | stress GPa | magmom mμB | wall s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        def f(k: str, scale: float, fmt: str) -> str:
+            v = r.get(k)
+            return "n/a" if v is None or v != v else format(v * scale, fmt)
+        print(f"| {r['model']} | {f('e_mae', 1e3, '.1f')} | {f('f_mae', 1e3, '.1f')} | "
+              f"{f('s_mae', 1, '.3f')} | {f('m_mae', 1e3, '.1f')} | {r['wall_s']:.0f} |")
+    if args.json:
+        record = {"environment": environment("cpu"), "settings": {**vars(args), "arch": ARCH},
+                  "rows": rows}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
