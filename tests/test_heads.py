@@ -169,3 +169,34 @@ def test_forces_vanish_smoothly_at_the_cutoff():
 def test_bad_head_options_are_named(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         HeadsCHGNet(**{**SMALL, **bad})
+
+
+def test_heads_end_to_end_train_predict_evaluate_md(tmp_path):
+    """``--model heads`` through the whole tool chain: train, predict, evaluate, ASE calculator
+    (relax) and MD, all from the trained checkpoint."""
+    from fastchgnet.cli import main
+    from fastchgnet.md import CHGNetCalculator
+
+    out, cache = tmp_path / "run", str(tmp_path / "cache")
+    assert main(["train", "--model", "heads", "--limit", "20", "--epochs", "1", "--batch-size", "8",
+                 "--out", str(out), "--cache", cache, "--device", "cpu", "--no-progress",
+                 "--no-plots"]) == 0
+    ckpt = out / "best.pt"
+    model = fastchgnet.load_model(ckpt)
+    assert isinstance(model, HeadsCHGNet)
+    s = random_structures(1, seed=8, max_atoms=6)[0]
+    cif = tmp_path / "s.cif"
+    s.to(filename=str(cif))
+    assert main(["predict", "--model", str(ckpt), "--device", "cpu", str(cif)]) == 0
+    assert main(["evaluate", str(ckpt), "--limit", "8", "--cache", cache, "--device", "cpu",
+                 "--out", str(tmp_path / "eval")]) == 0
+    assert (tmp_path / "eval" / "eval.json").is_file()
+    atoms = s.to_ase_atoms() if hasattr(s, "to_ase_atoms") else __import__(
+        "pymatgen.io.ase", fromlist=["AseAtomsAdaptor"]).AseAtomsAdaptor.get_atoms(s)
+    atoms.calc = CHGNetCalculator(model=str(ckpt), device="cpu")
+    f = atoms.get_forces()
+    np.testing.assert_allclose(f, fastchgnet.predict(model, s)["f"], rtol=1e-5, atol=1e-5)
+    assert atoms.get_stress().shape == (6,)
+    assert main(["md", str(cif), "--model", str(ckpt), "--device", "cpu", "--ensemble", "nve",
+                 "--steps", "4", "--loginterval", "2", "--out", str(tmp_path / "md")]) == 0
+    assert (tmp_path / "md" / "md.log").is_file()
