@@ -416,7 +416,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 # parser
 
-COMMANDS: list[AddCommand] = [_add_bench, _add_predict, _add_demo, _add_train, _add_evaluate, *__import__("fastchgnet.md.cli", fromlist=["COMMANDS"]).COMMANDS]
+from fastchgnet.md.cli import COMMANDS as _MD_COMMANDS  # noqa: E402 (relax, md; light imports)
+
+COMMANDS: list[AddCommand] = [_add_bench, _add_predict, _add_demo, _add_train, _add_evaluate,
+                              *_MD_COMMANDS]
 
 
 def register_command(add: AddCommand) -> None:
