@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from fastchgnet.model.exact import CHGNet
 
-__all__ = ["CompileCounter", "CompiledStep", "compile_blocks", "uncompile_blocks"]
+__all__ = ["CompileCounter", "CompiledStep", "check_first_order", "compile_blocks",
+           "compile_callable", "uncompile_blocks"]
 
 
 class CompileCounter:
@@ -85,14 +86,34 @@ class _Scoped:
             return self.fn(*args, **kwargs)
 
 
+def compile_callable(fn: Callable, *, backend: str | Callable = "inductor", dynamic: bool = True,
+                     fullgraph: bool = True, mode: str | None = None,
+                     options: dict[str, Any] | None = None) -> Callable:
+    """``torch.compile(fn, ...)`` called under this module's scoped settings (see
+    :class:`_Scoped`). ``fullgraph=False`` is needed to compile a DDP module, whose graph Dynamo
+    splits at the gradient buckets."""
+    return _Scoped(torch.compile(fn, backend=backend, dynamic=dynamic, fullgraph=fullgraph,
+                                 mode=mode, options=options))
+
+
+def check_first_order(model: nn.Module, what: str = "a compiled training step") -> None:
+    """Raise a ValueError naming the model type unless its forces and stress come from heads."""
+    if getattr(model, "forces_by_autograd", True):
+        raise ValueError(
+            f"{what} needs a model with force/stress heads (model_type 'heads', --model heads); "
+            f"{getattr(model, 'model_type', type(model).__name__)!r} takes forces as energy "
+            "derivatives, whose training needs second-order gradients that compiled graphs do "
+            "not support: train it eagerly, or use compile_blocks for inference")
+
+
 def compile_blocks(model: CHGNet, *, backend: str | Callable = "inductor", dynamic: bool = True,
                    fullgraph: bool = True, mode: str | None = None,
                    options: dict[str, Any] | None = None) -> CHGNet:
     """Compile the interaction blocks of ``model`` in place (see the module docstring); returns
     the model. :func:`uncompile_blocks` undoes it. Checkpoints are unaffected."""
-    model._compiled_interaction = _Scoped(torch.compile(
+    model._compiled_interaction = compile_callable(
         model.interaction, backend=backend, dynamic=dynamic, fullgraph=fullgraph, mode=mode,
-        options=options))
+        options=options)
     return model
 
 
@@ -122,16 +143,10 @@ class CompiledStep:
                  scheduler: Any = None, grad_clip: float | None = None,
                  backend: str | Callable = "inductor", dynamic: bool = True,
                  mode: str | None = None, task: str = "efsm") -> None:
-        if getattr(model, "forces_by_autograd", True):
-            raise ValueError(
-                f"CompiledStep needs a model with force/stress heads (model_type 'heads'); "
-                f"{getattr(model, 'model_type', type(model).__name__)!r} takes forces as energy "
-                "derivatives, whose training needs second-order gradients that compiled graphs do "
-                "not support: train it eagerly, or use compile_blocks for inference")
+        check_first_order(model, "CompiledStep")
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.scheduler, self.grad_clip, self.task = scheduler, grad_clip, task
-        self._forward = _Scoped(torch.compile(self._loss, backend=backend, dynamic=dynamic,
-                                              fullgraph=True, mode=mode))
+        self._forward = compile_callable(self._loss, backend=backend, dynamic=dynamic, mode=mode)
 
     def _loss(self, batch: Any, targets: Any) -> tuple[Tensor, dict[str, Tensor]]:
         pred = self.model(batch, task=self.task)

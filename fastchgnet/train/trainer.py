@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from fastchgnet.data.cache import GraphCache, open_or_build
 from fastchgnet.model.config import CHGNetConfig
 from fastchgnet.model.exact import CHGNet
+from fastchgnet.model.compile import check_first_order, compile_callable
 from fastchgnet.model.weights import MODEL_TYPES, load_model, save_checkpoint
 from fastchgnet.train.balance import POLICIES, DistributedBatchSampler, sample_costs
 from fastchgnet.train.data import Collator, DevicePrefetcher, EpochBatchSampler, GraphDataset, split_indices
@@ -503,14 +504,11 @@ class Trainer:
             self.ddp = _wrap_ddp(self.model, config)
         self._forward: Callable[..., dict[str, Tensor]] = self.ddp if self.ddp is not None else self.model
         if config.compile:
-            if getattr(self.model, "forces_by_autograd", True):
-                raise ValueError(
-                    f"--compile needs a model whose forces and stress come from heads (--model heads); "
-                    f"{config.model!r} trains through the force gradient (second order), which "
-                    "compiled graphs cannot differentiate")
+            check_first_order(self.model, "--compile")
             # distributed: the DDP module is compiled (dynamo splits the graph at the gradient
-            # buckets, so the all-reduce still overlaps the backward)
-            self._forward = torch.compile(self._forward, backend=config.compile, dynamic=True)
+            # buckets, so the all-reduce still overlaps the backward): no fullgraph
+            self._forward = compile_callable(self._forward, backend=config.compile,
+                                             fullgraph=self.ddp is None)
         self.steps_per_epoch = len(self.sampler)
         self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, total_steps=config.epochs * self.steps_per_epoch,
