@@ -59,19 +59,12 @@ def _trace_autograd() -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _torch_kernels() -> Iterator[None]:
+def _torch_kernels() -> contextlib.AbstractContextManager[None]:
     """Trace the plain-torch reference of the fused ops (aten only, no custom ops in a graph that
     must run without fastchgnet)."""
-    old = os.environ.get("FASTCHGNET_KERNELS")
-    os.environ["FASTCHGNET_KERNELS"] = "torch"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("FASTCHGNET_KERNELS", None)
-        else:
-            os.environ["FASTCHGNET_KERNELS"] = old
+    from fastchgnet.bench_train import kernels_env
+
+    return kernels_env("torch")
 
 
 class CompiledForward:
