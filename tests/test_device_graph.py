@@ -316,3 +316,9 @@ def test_make_builder_for_a_calculator(small_model):
     assert builder.verlet.n_builds == 1 and b2.dtype == torch.float32
     _same_graph(b2, collate([build_graph(atoms)], torch.float32))
     _same_graph(b1, collate([build_graph(first)], torch.float32))
+
+
+def test_builder_error_names_the_formula(small_model):
+    close = Structure(Lattice.cubic(4.0), ["Cu", "Ni"], [[0, 0, 0], [0.05, 0, 0]])
+    with pytest.raises(ValueError, match="structure Cu1Ni1 has atoms 0 and 1 only"):
+        make_builder(small_model)(close)

@@ -110,7 +110,7 @@ def _bond_vectors(pos: Tensor, lattice: Tensor, src: Tensor, dst: Tensor, img: T
     return pos.index_select(0, src) - pos.index_select(0, dst) - shift
 
 
-def _inverse_cell(lat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def inverse_cell(lat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(inverse, cross products of lattice-vector pairs (G, 3, 3), signed volume) of 3x3 cells.
 
     Written out with cross products: ``torch.linalg.inv``/``det`` check for singular input and
@@ -144,7 +144,7 @@ def neighbor_pairs(positions: Tensor, lattice: Tensor, atom_graph: Tensor, n_ato
     """
     dev = positions.device
     lat = lattice.double()
-    inv, cross, vol = _inverse_cell(lat)
+    inv, cross, vol = inverse_cell(lat)
     frac = _frac(positions, inv, atom_graph)
     pbc_a = pbc.index_select(0, atom_graph)
     shift = torch.where(pbc_a, torch.floor(frac), torch.zeros_like(frac))  # wrap periodic axes
@@ -319,7 +319,7 @@ class VerletGraph:
         # cutoff is applied by _filter with the model's own bond-vector formula
         src, dst, img = neighbor_pairs(positions, lattice, atom_graph, n_atoms, pbc,
                                        self.atom_cutoff + self.skin + _BIN_MARGIN, self.chunk)
-        inv = _inverse_cell(lattice.double())[0]
+        inv = inverse_cell(lattice.double())[0]
         self._state = {
             "src": src, "dst": dst, "img": img, "graph": atom_graph.index_select(0, src),
             "frac": _frac(positions, inv, atom_graph), "lattice": lattice.double().clone(),
@@ -340,7 +340,7 @@ class VerletGraph:
         st = self._state
         assert st is not None
         lat = lattice.double()
-        inv_now = _inverse_cell(lat)[0]
+        inv_now = inverse_cell(lat)[0]
         frac_now = _frac(positions, inv_now, atom_graph)
         wrap = torch.where(pbc.index_select(0, atom_graph), torch.round(frac_now - st["frac"]),
                            torch.zeros_like(frac_now))
@@ -528,7 +528,18 @@ class GraphBuilder:
 
     def __call__(self, structure: Any) -> Batch:
         gi = graph_inputs([structure], self.device, self.dtype)
-        return self.verlet.update(gi.atomic_numbers, gi.positions, gi.lattice, gi.n_atoms, gi.pbc)
+        try:
+            return self.verlet.update(gi.atomic_numbers, gi.positions, gi.lattice, gi.n_atoms,
+                                      gi.pbc)
+        except ValueError as exc:  # name the structure by its formula, not "structure 0"
+            raise ValueError(str(exc).replace("structure 0", f"structure {_formula(structure)}",
+                                              1)) from None
+
+
+def _formula(structure: Any) -> str:
+    if hasattr(structure, "get_chemical_formula"):
+        return structure.get_chemical_formula()
+    return structure.composition.formula.replace(" ", "")
 
 
 def make_builder(model: torch.nn.Module, *, skin: float = 1.0, **kwargs: Any) -> GraphBuilder:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastchgnet.data.device_graph import GraphInputs, VerletGraph, graph_inputs
+from fastchgnet.data.device_graph import GraphInputs, VerletGraph, graph_inputs, inverse_cell
 
 EV_A3_TO_GPA = 160.21766208
 KB_EV = 8.617333262e-5  # Boltzmann constant, eV/K
@@ -204,32 +204,35 @@ class _Frame:
         self.cell_filter = cell_filter
         self.pressure = pressure_gpa / EV_A3_TO_GPA
 
-    def deform(self, st: _RelaxState) -> Tensor:
-        return torch.linalg.solve(st.orig_cell, st.gi.lattice).transpose(1, 2)
+    @staticmethod
+    def _deform(st: _RelaxState) -> tuple[Tensor, Tensor]:
+        """``(F, F^-T) = ((L0^-1 L)^T, L^-1 L0)`` (G, 3, 3); 3x3 inverses written out (a linear
+        solver would sync with the host on CUDA)."""
+        lat = st.gi.lattice
+        return (torch.bmm(inverse_cell(st.orig_cell)[0], lat).transpose(1, 2),
+                torch.bmm(inverse_cell(lat)[0], st.orig_cell))
 
     def forces(self, st: _RelaxState, out: dict[str, Tensor], ag: Tensor) -> tuple[Tensor, Tensor]:
         f = out["forces"]
         if not self.cell_filter:
             return f, torch.zeros_like(st.gi.lattice)
-        F = self.deform(st)
+        F, f_inv_t = self._deform(st)
         f_gen = torch.bmm(f.unsqueeze(1), F.index_select(0, ag)).squeeze(1)
-        vol = torch.linalg.det(st.gi.lattice).abs()
+        vol = inverse_cell(st.gi.lattice)[2].abs()
         eye = torch.eye(3, dtype=f.dtype, device=f.device)
         virial = -vol[:, None, None] * (out["stress"] / EV_A3_TO_GPA + self.pressure * eye)
-        virial = torch.linalg.solve(F, virial.transpose(1, 2)).transpose(1, 2)
         cf = st.gi.n_atoms.to(f.dtype)[:, None, None]
-        return f_gen, virial / cf
+        return f_gen, torch.bmm(virial, f_inv_t) / cf
 
     def move(self, st: _RelaxState, dr: Tensor, dr_cell: Tensor, ag: Tensor) -> None:
         gi = st.gi
         if not self.cell_filter:
             gi.positions = gi.positions + dr
             return
-        F = self.deform(st)
+        F, f_inv_t = self._deform(st)
         cf = gi.n_atoms.to(F.dtype)[:, None, None]
-        gen_pos = torch.linalg.solve(F.index_select(0, ag), gi.positions.unsqueeze(2)).squeeze(2)
+        gen_pos = torch.bmm(gi.positions.unsqueeze(1), f_inv_t.index_select(0, ag)).squeeze(1) + dr
         F_new = (cf * F + dr_cell) / cf
-        gen_pos = gen_pos + dr
         gi.lattice = torch.bmm(st.orig_cell, F_new.transpose(1, 2))
         gi.positions = torch.bmm(gen_pos.unsqueeze(1),
                                  F_new.transpose(1, 2).index_select(0, ag)).squeeze(1)
