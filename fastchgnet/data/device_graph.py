@@ -16,8 +16,8 @@ Host syncs (data-dependent sizes; nothing else syncs):
 * each call of :meth:`VerletGraph.update` (one MD step): **one** sync, which fetches the number of
   bonds and angles, the rebuild flag and the input checks together;
 * a rebuild (the first call, or when an atom moved too far): three more — the bin-grid shape per
-  structure, the number of candidate pairs (one per chunk of ``chunk`` atom-stencil entries), and
-  the number of pairs within ``cutoff + skin``.
+  structure, the number of candidate pairs and the number of pairs within ``cutoff + skin`` (these
+  two once per chunk of ``chunk`` atom-stencil entries: one chunk up to ~4,000 atoms).
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ from fastchgnet.data.batch import Batch
 from fastchgnet.data.graph import DEFAULT_MIN_DISTANCE, MAX_ATOMIC_NUMBER, OnIsolated, structure_arrays
 
 # (atom, stencil-slab) entries expanded at once during a rebuild. Each entry expands to the atoms
-# of one slab (~10-40 at crystal densities with a 6-7 Å cutoff), so a chunk holds a few million
-# candidate pairs: bounded memory for any cell size, one chunk for cells up to a few thousand atoms.
-DEFAULT_CHUNK = 1 << 17
+# of one slab (2-4 at crystal densities with slabs of half of a 6-7 Å cutoff), so a chunk holds
+# about 1-2 million candidate pairs (~100 MB of temporaries): bounded memory for any cell size,
+# and one chunk (one sync) for cells up to ~4,000 atoms.
+DEFAULT_CHUNK = 1 << 19
 # Slabs per cutoff length: thinner slabs (2) cut the searched volume from up to (3 r)^3 to about
 # (2.5 r)^3 at the price of 125 instead of 27 slab visits per atom. Measured on 1 CPU thread
 # (fresh build, r = 6 Å): 864 atoms 160 -> 116 ms, 2,048 atoms 462 -> 206 ms.
@@ -355,7 +356,8 @@ class VerletGraph:
         smin = 1.0 / (1.0 + torch.linalg.matrix_norm(m_inv - eye))
         rc = self.atom_cutoff
         ok = (smin * (rc + self.skin) - 2.0 * umax > rc).all()
-        ok = ok & (numbers == st["numbers"]).all() & (pbc == st["pbc"]).all()
+        ok = (ok & (numbers == st["numbers"]).all() & (pbc == st["pbc"]).all()
+              & (atom_graph == st["atom_graph"]).all())
         return ok, wrap.long()
 
     def update(self, atomic_numbers: Tensor, positions: Tensor, lattice: Tensor,
