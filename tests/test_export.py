@@ -113,7 +113,10 @@ def test_exported_program_equals_eager(kind):
     model = _model(kind)
     b1, b2 = _batches()
     ep = export_model(model, b1, "efsm")
-    for b in (b1, b2):  # the example and a batch of other sizes
+    one_atom = collate([build_graph(make("simple_cubic", ["Mo"]))])
+    no_angles = collate([build_graph(make("rocksalt", ["Cs", "I"], rattle=0.02, seed=1))])
+    assert one_atom.num_atoms == 1 and no_angles.num_angles == 0
+    for b in (b1, b2, one_atom, no_angles):  # the example and batches of other sizes
         out = dict(zip("efsm", ep.module()(*batch_args(b))))
         _close(out, model(b, task="efsm"))
 
@@ -167,6 +170,9 @@ def test_aoti_package_equals_eager_without_fastchgnet(tmp_path, kind):
     loaded = load_exported(path)
     assert json.loads(loaded.meta["fastchgnet_graph"])["bond_cutoff"] == 3.0
     _close(loaded(b2), ref)
+    for s in (make("simple_cubic", ["Mo"]), make("rocksalt", ["Cs", "I"], rattle=0.02, seed=1)):
+        b = collate([build_graph(s)])  # one atom; no angles
+        _close(loaded(b), model(b, task="efsm"))
     _close(_run_without_fastchgnet(tmp_path, path, b2, "aoti"), ref)
 
 

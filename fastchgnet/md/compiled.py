@@ -254,8 +254,9 @@ class FlatModel(nn.Module):
 def _dynamic_shapes() -> dict[str, dict[int, Any]]:
     from torch.export import Dim
 
-    atoms, graphs = Dim("atoms", min=2), Dim("graphs", min=1)
-    bonds, angles = Dim("bonds", min=2), Dim("angles", min=2)
+    # a batch may have one atom, and no bond (isolated atoms, "ignore") or no angle at all
+    atoms, graphs = Dim("atoms", min=1), Dim("graphs", min=1)
+    bonds, angles = Dim("bonds", min=0), Dim("angles", min=0)
     per = {"atomic_numbers": atoms, "positions": atoms, "atom_graph": atoms, "lattice": graphs,
            "n_atoms": graphs, "bond_src": bonds, "bond_dst": bonds, "bond_image": bonds,
            "bond_graph": bonds, "angle_center": angles, "angle_bond1": angles,
@@ -269,7 +270,9 @@ def batch_args(batch: Batch) -> tuple[Tensor, ...]:
 
 def export_model(model: nn.Module, example: Batch, task: str = "efsm") -> torch.export.ExportedProgram:
     """The inference forward as an ``ExportedProgram`` with dynamic atoms, bonds, angles and
-    structures (the example needs at least 2 of each; outputs in ``task`` order).
+    structures (outputs in ``task`` order). The example needs at least 2 atoms, bonds and
+    angles (sizes 0 and 1 would be specialised); the program then accepts any size from 0
+    (bonds, angles) or 1 (atoms, structures).
 
     Models whose forces are an energy gradient are first traced with ``make_fx`` (symbolic
     shapes), which writes the backward pass out as aten ops, and the traced module is exported.
