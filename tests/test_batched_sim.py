@@ -176,3 +176,15 @@ def test_bad_arguments(model64):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         BatchedMD(model64, _structs()[:1], ensemble="nve")
+
+
+def test_ase_atoms_in_and_out(small_model):
+    from ase.build import bulk
+
+    atoms = bulk("Cu", "fcc", a=3.7, cubic=True)
+    atoms.rattle(0.05, seed=0)
+    before = atoms.positions.copy()
+    (res,) = relax(small_model, [atoms], fmax=1e-9, steps=3)
+    assert type(res.structure) is type(atoms) and res.n_steps == 3 and not res.converged
+    assert np.abs(res.structure.positions - before).max() > 0
+    np.testing.assert_array_equal(atoms.positions, before)  # the input is not modified
