@@ -32,7 +32,6 @@ Run: ``python -m fastchgnet.bench_train [--device cuda] [--json PATH]``; from Py
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import statistics
@@ -40,7 +39,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -63,6 +62,7 @@ from fastchgnet.bench import (
     time_interleaved,
     timing_fields,
 )
+from fastchgnet.kernels import override as kernels_env
 
 __all__ = [
     "HUBER_DELTA",
@@ -333,23 +333,6 @@ def chgnet_train_step(model: Any, optimizer: torch.optim.Optimizer, graphs: Sequ
 
 # ----------------------------------------------------------------------------------------------
 # kernels mode, memory
-
-
-@contextlib.contextmanager
-def kernels_env(mode: str | None) -> Iterator[None]:
-    """Set ``FASTCHGNET_KERNELS`` for the duration (None: leave it as it is)."""
-    if mode is None:
-        yield
-        return
-    old = os.environ.get("FASTCHGNET_KERNELS")
-    os.environ["FASTCHGNET_KERNELS"] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("FASTCHGNET_KERNELS", None)
-        else:
-            os.environ["FASTCHGNET_KERNELS"] = old
 
 
 def kernels_used(device: str) -> str:

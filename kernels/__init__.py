@@ -16,13 +16,15 @@ when a kernel is first used. Never install this directory as a top-level ``kerne
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from typing import Iterator
 
 from torch import Tensor
 
-__all__ = ["angle_basis", "backend", "gated_epilogue", "has_triton", "interpreting", "radial_bases",
-           "use_triton"]
+__all__ = ["angle_basis", "backend", "gated_epilogue", "has_triton", "interpreting", "override",
+           "radial_bases", "use_triton"]
 
 _VALID = ("auto", "triton", "torch")
 
@@ -43,6 +45,23 @@ def backend() -> str:
     if val not in _VALID:
         raise ValueError(f"FASTCHGNET_KERNELS={val!r}: use one of {_VALID}")
     return val
+
+
+@contextlib.contextmanager
+def override(mode: str | None) -> Iterator[None]:
+    """Set ``FASTCHGNET_KERNELS`` to ``mode`` for the duration (None: leave it as it is)."""
+    if mode is None:
+        yield
+        return
+    old = os.environ.get("FASTCHGNET_KERNELS")
+    os.environ["FASTCHGNET_KERNELS"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FASTCHGNET_KERNELS", None)
+        else:
+            os.environ["FASTCHGNET_KERNELS"] = old
 
 
 def use_triton(x: Tensor) -> bool:

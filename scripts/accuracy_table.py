@@ -47,6 +47,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--stress-head", default="lattice", choices=["lattice", "virial"],
+                   help="stress head of the heads model [%(default)s]")
     p.add_argument("--out", default="runs/accuracy")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -54,10 +56,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     rows = []
     for model in args.models.split(","):
-        cfg = TrainConfig(**dataset_args(args.dataset), model=model, model_config=dict(ARCH),
+        arch = {**ARCH, "stress_head": args.stress_head}
+        cfg = TrainConfig(**dataset_args(args.dataset), model=model, model_config=arch,
                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           limit=args.limit, seed=args.seed, device="cpu", progress=False,
-                          plots=False, out=f"{args.out}/{args.dataset}-{model}")
+                          plots=False, out=f"{args.out}/{args.dataset}-{model}-s{args.seed}-{args.stress_head}")
         t0 = time.perf_counter()
         metrics = train(cfg)
         rows.append({"model": model, "wall_s": time.perf_counter() - t0, **metrics})
@@ -71,7 +74,7 @@ def main() -> None:
         print(f"| {r['model']} | {f('e_mae', 1e3, '.1f')} | {f('f_mae', 1e3, '.1f')} | "
               f"{f('s_mae', 1, '.3f')} | {f('m_mae', 1e3, '.1f')} | {r['wall_s']:.0f} |")
     if args.json:
-        record = {"environment": environment("cpu"), "settings": {**vars(args), "arch": ARCH},
+        record = {"environment": environment("cpu"), "settings": {**vars(args), "arch": arch},
                   "rows": rows}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=1, default=str))

@@ -1,8 +1,10 @@
 """Inference: ASE calculator, relaxation, molecular dynamics.
 
 ``CHGNetCalculator`` (ASE calculator of any fastchgnet model), ``StructOptimizer`` / ``relax``
-(FIRE/BFGS with ``FrechetCellFilter``) and ``MolecularDynamics`` (NVE, NVT, NPT). Submodules are
-imported on first use, so ``import fastchgnet.md`` stays light.
+(FIRE/BFGS with ``FrechetCellFilter``) and ``MolecularDynamics`` (NVE, NVT, NPT); batched
+relaxation and MD on many structures at once (``fastchgnet.md.batched.relax``, ``BatchedMD``); compiled, CUDA-graph and
+exported inference (``CompiledForward``, ``CUDAGraphForward``, ``save_exported``,
+``load_exported``). Submodules are imported on first use, so ``import fastchgnet.md`` stays light.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ _EXPORTS = {
     "RelaxResult": "fastchgnet.md.relax",
     "StructOptimizer": "fastchgnet.md.relax",
     "relax_structure": "fastchgnet.md.relax",
+    # batched simulation and compiled / exported inference
+    "BatchedMD": "fastchgnet.md.batched",
+    "BatchPotential": "fastchgnet.md.batched",
+    "CompiledForward": "fastchgnet.md.compiled",
+    "CUDAGraphForward": "fastchgnet.md.compiled",
+    "load_exported": "fastchgnet.md.compiled",
+    "save_exported": "fastchgnet.md.compiled",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -62,9 +62,9 @@ def _trace_autograd() -> Iterator[None]:
 def _torch_kernels() -> contextlib.AbstractContextManager[None]:
     """Trace the plain-torch reference of the fused ops (aten only, no custom ops in a graph that
     must run without fastchgnet)."""
-    from fastchgnet.bench_train import kernels_env
+    from fastchgnet.kernels import override
 
-    return kernels_env("torch")
+    return override("torch")
 
 
 class CompiledForward:
