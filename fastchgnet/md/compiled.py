@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from fastchgnet.data.batch import Batch
+from fastchgnet.model.compile import compile_callable
 
 # The Batch fields that carry tensors, in the order of the exported program's inputs.
 BATCH_FIELDS = ("atomic_numbers", "positions", "lattice", "atom_graph", "n_atoms", "bond_src",
@@ -87,8 +88,10 @@ class CompiledForward:
         if fullgraph is None:
             fullgraph = (hasattr(torch._dynamo.config, "trace_autograd_ops")
                          or not getattr(model, "forces_by_autograd", True))
-        self._fn = torch.compile(self._forward, backend=backend, mode=mode, dynamic=dynamic,
-                                 fullgraph=fullgraph)
+        # the scoped settings of fastchgnet.model.compile: no recompilation for batches without
+        # angles, floats as constants
+        self._fn = compile_callable(self._forward, backend=backend, mode=mode, dynamic=dynamic,
+                                    fullgraph=fullgraph)
 
     def _forward(self, batch: Batch, task: str) -> dict[str, Tensor]:
         return inference_outputs(self.model, batch, task)

@@ -86,7 +86,7 @@ class _Scoped:
             return self.fn(*args, **kwargs)
 
 
-def compile_callable(fn: Callable, *, backend: str | Callable = "inductor", dynamic: bool = True,
+def compile_callable(fn: Callable, *, backend: str | Callable = "inductor", dynamic: bool | None = True,
                      fullgraph: bool = True, mode: str | None = None,
                      options: dict[str, Any] | None = None) -> Callable:
     """``torch.compile(fn, ...)`` called under this module's scoped settings (see
