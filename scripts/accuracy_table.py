@@ -47,7 +47,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--stress-head", default="lattice", choices=["lattice", "virial"],
+    p.add_argument("--stress-head", default="virial", choices=["lattice", "virial"],
                    help="stress head of the heads model [%(default)s]")
     p.add_argument("--out", default="runs/accuracy")
     p.add_argument("--json", default=None)
