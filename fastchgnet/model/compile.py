@@ -18,6 +18,7 @@ Nothing here changes global torch state; compile options are passed per call.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -81,9 +82,16 @@ class _Scoped:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         from torch.fx.experimental import _config as fx_config
 
-        with fx_config.patch(backed_size_oblivious=True), \
-                torch._dynamo.config.patch(specialize_float=True):
+        # each setting only where this torch has it (older versions compile without it)
+        with _patch(fx_config, backed_size_oblivious=True), \
+                _patch(torch._dynamo.config, specialize_float=True):
             return self.fn(*args, **kwargs)
+
+
+def _patch(config: Any, **settings: Any) -> Any:
+    """``config.patch(**settings)`` restricted to the settings ``config`` knows."""
+    known = {k: v for k, v in settings.items() if hasattr(config, k)}
+    return config.patch(**known) if known else contextlib.nullcontext()
 
 
 def compile_callable(fn: Callable, *, backend: str | Callable = "inductor", dynamic: bool | None = True,
