@@ -242,3 +242,13 @@ def max_abs(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     assert a.shape == b.shape, (a.shape, b.shape)
     return float(np.abs(a - b).max()) if a.size else 0.0
+
+
+def perturb_norms(model, scale: float = 0.1):
+    """Give a fresh model non-trivial LayerNorm affines and AtomRef (in place; returns it), so that
+    tests exercise those parameters instead of their identity/zero initialisation."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name == "atom_ref":
+                p.add_(scale * torch.randn_like(p))
+    return model

@@ -53,6 +53,19 @@ def _model(cls, seed=0):
     return cls(**SMALL).double()
 
 
+def _same_updates(step, comp_m, eager_m, eager_opt, loss_fn, batches, rtol):
+    """Compiled steps and eager steps give the same losses and, afterwards, the same parameters."""
+    for b, t in batches:
+        loss_c = step(b, t)
+        eager_opt.zero_grad()
+        loss_e, _ = loss_fn(eager_m(b, task="efsm"), t, b)
+        loss_e.backward()
+        eager_opt.step()
+        torch.testing.assert_close(loss_c, loss_e.detach(), rtol=rtol * 1e-2, atol=1e-9)
+    for (n, p), q in zip(comp_m.named_parameters(), eager_m.parameters()):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=rtol * 1e-2, msg=n)
+
+
 def _recompiles_after_warmup(call, batches, counter, warmup=3):
     for b, t in batches[:warmup]:
         call(b, t)
@@ -104,15 +117,7 @@ def test_compiled_heads_step_equals_eager_and_does_not_recompile(pool):
     cc = CompileCounter("aot_eager")
     step = CompiledStep(comp_m, loss_fn, torch.optim.Adam(comp_m.parameters(), 1e-3), backend=cc)
     eager_opt = torch.optim.Adam(eager_m.parameters(), 1e-3)
-    for b, t in batches[:3]:  # same updates: compiled forward + backward == eager
-        loss_c = step(b, t)
-        eager_opt.zero_grad()
-        loss_e, _ = loss_fn(eager_m(b, task="efsm"), t, b)
-        loss_e.backward()
-        eager_opt.step()
-        torch.testing.assert_close(loss_c, loss_e.detach(), rtol=1e-9, atol=1e-12)
-    for (n, p), q in zip(comp_m.named_parameters(), eager_m.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9, msg=n)
+    _same_updates(step, comp_m, eager_m, eager_opt, loss_fn, batches[:3], rtol=1e-7)
     assert cc.frame_count == 1  # the whole step is one graph (fullgraph: no break)
     warm, recompiles = _recompiles_after_warmup(step, batches, cc)
     assert recompiles <= 2, f"{recompiles} recompilations over 50 batches"
@@ -159,12 +164,4 @@ def test_inductor_compiled_heads_step_equals_eager(pool):
     loss_fn = EFSMLoss()
     step = CompiledStep(comp_m, loss_fn, torch.optim.SGD(comp_m.parameters(), 1e-3))
     opt = torch.optim.SGD(eager_m.parameters(), 1e-3)
-    for b, t in batches:
-        lc = step(b, t)
-        opt.zero_grad()
-        le, _ = loss_fn(eager_m(b, task="efsm"), t, b)
-        le.backward()
-        opt.step()
-        torch.testing.assert_close(lc, le.detach(), rtol=1e-7, atol=1e-9)
-    for p, q in zip(comp_m.parameters(), eager_m.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+    _same_updates(step, comp_m, eager_m, opt, loss_fn, batches, rtol=1e-6)

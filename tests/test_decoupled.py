@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastchgnet
+from conftest import perturb_norms
 from fastchgnet.data import build_graphs, collate
 from fastchgnet.data.prototypes import random_structures
 from fastchgnet.model import CHGNet, DecoupledCHGNet
@@ -22,12 +23,7 @@ def _batch(n=4, seed=1, dtype=torch.float64):
 
 def _model(seed=0, **kw):
     torch.manual_seed(seed)
-    m = DecoupledCHGNet(**{**SMALL, **kw}).double()
-    with torch.no_grad():  # non-trivial norms and AtomRef
-        for name, p in m.named_parameters():
-            if "norm" in name or name == "atom_ref":
-                p.add_(0.1 * torch.randn_like(p))
-    return m.eval()
+    return perturb_norms(DecoupledCHGNet(**{**SMALL, **kw}).double()).eval()
 
 
 class Unpacked(CHGNet):

@@ -8,6 +8,7 @@ import torch
 from pymatgen.core import Lattice, Structure
 
 import fastchgnet
+from conftest import perturb_norms
 from fastchgnet.data import build_graphs, collate
 from fastchgnet.data.prototypes import random_structures
 from fastchgnet.model import CHGNet, DecoupledCHGNet, HeadsCHGNet
@@ -21,12 +22,7 @@ HEADS = ["lattice", "virial"]
 
 def _model(seed=0, **kw):
     torch.manual_seed(seed)
-    m = HeadsCHGNet(**{**SMALL, **kw}).double()
-    with torch.no_grad():  # non-trivial norms and AtomRef
-        for name, p in m.named_parameters():
-            if "norm" in name or name == "atom_ref":
-                p.add_(0.1 * torch.randn_like(p))
-    return m.eval()
+    return perturb_norms(HeadsCHGNet(**{**SMALL, **kw}).double()).eval()
 
 
 def _run(m, structures, task="efsm"):
