@@ -541,16 +541,28 @@ def format_environment(env: dict) -> str:
     return ", ".join(f"{k}={env[k]}" for k in keys if env.get(k) is not None)
 
 
+def start_run(device: str, threads: int | None = None, stream: Any = None) -> tuple[str, dict]:
+    """Start of a command-line benchmark: resolve the device, set the torch thread count (the
+    process is the benchmark's), print the environment line; returns ``(device, environment)``."""
+    device = resolve_device(device)
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    env = environment(device)
+    print(f"# {format_environment(env)}", file=stream or sys.stdout, flush=True)
+    return device, env
+
+
+def int_list(text: str | None) -> list[int] | None:
+    """``"4,8"`` -> ``[4, 8]``; None or empty -> None (the command's default)."""
+    return [int(b) for b in text.split(",") if b.strip()] if text else None
+
+
 def main_bench(device: str = "auto", repeats: int = 5, warmup: int = 1, quick: bool = False,
                json_path: str | None = None, threads: int | None = None,
                stream: Any = None) -> list[dict]:
     """Run, print the table (and environment), optionally save ``{environment, rows}`` as JSON."""
     stream = stream or sys.stdout
-    device = resolve_device(device)
-    if threads is not None:
-        torch.set_num_threads(int(threads))  # a command-line run: the process is ours
-    env = environment(device)
-    print(f"# {format_environment(env)}", file=stream, flush=True)
+    device, env = start_run(device, threads, stream)
     t0 = time.perf_counter()
     rows = run_bench(device, repeats=repeats, warmup=warmup, quick=quick,
                      progress=lambda name: print(f"  running {name} ...", file=sys.stderr, flush=True))

@@ -28,9 +28,8 @@ import numpy as np
 import torch
 
 from fastchgnet.bench import (
-    environment,
+    start_run,
     fmt_or_na,
-    format_environment,
     load_our_model,
     load_reference,
     quiet,
@@ -153,11 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-reference", action="store_true", help="time fastchgnet only")
     p.add_argument("--json", metavar="PATH", help="save environment and rows as JSON")
     args = p.parse_args(argv)
-    device = resolve_device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)  # a command-line run: the process is ours
-    env = environment(device)
-    print(f"# {format_environment(env)}", flush=True)
+    device, env = start_run(args.device, args.threads)
     t0 = time.perf_counter()
     rows = run_md_bench(device, args.repeats, args.warmup, reference=not args.no_reference,
                         progress=lambda n: print(f"  running {n} ...", file=sys.stderr, flush=True))

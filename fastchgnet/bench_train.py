@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 
 from fastchgnet.bench import (
+    int_list,
+    start_run,
     count_cuda_kernels,
-    environment,
     fmt_or_na,
-    format_environment,
     graph_counts,
     load_our_model,
     load_reference,
@@ -578,13 +578,8 @@ def main(argv: Sequence[str] | None = None, stream: Any = None) -> list[dict]:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     stream = stream or sys.stdout
 
-    device = resolve_device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)  # a command-line run: the process is ours
-    sizes = ([int(b) for b in args.batch_sizes.split(",") if b.strip()]
-             if args.batch_sizes else None)
-    env = environment(device)
-    print(f"# {format_environment(env)}", file=stream, flush=True)
+    device, env = start_run(args.device, args.threads, stream)
+    sizes = int_list(args.batch_sizes)
     t0 = time.perf_counter()
     try:
         rows = run_train_bench(device, sizes, args.repeats, args.warmup, args.kernels,

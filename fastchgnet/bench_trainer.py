@@ -70,9 +70,9 @@ import numpy as np
 import torch
 
 from fastchgnet.bench import (
-    environment,
+    int_list,
+    start_run,
     fmt_or_na,
-    format_environment,
     quiet,
     reference_converter,
     resolve_device,
@@ -504,13 +504,8 @@ def main(argv: Sequence[str] | None = None, stream: Any = None) -> list[dict]:
     args = p.parse_args(argv)
     stream = stream or sys.stdout
 
-    device = resolve_device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)  # a command-line run: the process is ours
-    sizes = ([int(b) for b in args.batch_sizes.split(",") if b.strip()]
-             if args.batch_sizes else None)
-    env = environment(device)
-    print(f"# {format_environment(env)}", file=stream, flush=True)
+    device, env = start_run(args.device, args.threads, stream)
+    sizes = int_list(args.batch_sizes)
     t0 = time.perf_counter()
     try:
         rows = run_trainer_bench(

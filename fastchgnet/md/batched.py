@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from fastchgnet.data.device_graph import GraphInputs, VerletGraph, graph_inputs, inverse_cell
+from fastchgnet.model.exact import EV_A3_TO_GPA
 
-EV_A3_TO_GPA = 160.21766208
 KB_EV = 8.617333262e-5  # Boltzmann constant, eV/K
 # 1 amu Å^2/fs^2 in eV: converts m v^2 (amu, Å/fs) to eV and F/m (eV/Å/amu) to Å/fs^2
 AMU_A2_FS2_EV = 103.64269572045424  # amu · 1e10 / e (CODATA 2018, as ASE)

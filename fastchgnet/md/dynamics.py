@@ -138,9 +138,8 @@ class FrameRecorder:
         return len(self.steps)
 
 
-def _pressure_gpa(atoms: Any) -> float:
-    """Pressure (GPa, positive = compressed) from the cached stress, NaN if none."""
-    stress = atoms.calc.results.get("stress")
+def _pressure_gpa(stress: Any) -> float:
+    """Pressure (GPa, positive = compressed) of an ASE Voigt stress (eV/Å^3); NaN if None."""
     return float("nan") if stress is None else float(-np.mean(stress[:3]) / units.GPa)
 
 
@@ -184,7 +183,7 @@ def estimate_bulk_modulus(atoms: Any, calc: Any = None, strain: float = 0.01) ->
     p, v = [], []
     for eps in (-strain, strain):
         probe.set_cell(cell0 * (1 + eps), scale_atoms=True)
-        p.append(-float(np.mean(probe.get_stress()[:3])) / units.GPa)
+        p.append(_pressure_gpa(probe.get_stress()))
         v.append(probe.get_volume())
     vol = atoms.get_volume()
     return float(-(p[1] - p[0]) / ((v[1] - v[0]) / vol))
@@ -359,8 +358,9 @@ class MolecularDynamics:
         if self.log is not None:
             a = self.atoms
             epot, ekin = float(a.get_potential_energy()), float(a.get_kinetic_energy())
+            pressure = _pressure_gpa(a.calc.results.get("stress"))  # cached: no extra model call
             self.log.row([self.nsteps, self.nsteps * self.timestep * 1e-3, epot + ekin, epot, ekin,
-                          float(a.get_temperature()), _pressure_gpa(a), float(a.get_volume())])
+                          float(a.get_temperature()), pressure, float(a.get_volume())])
 
     def attach(self, fn: Callable[[], Any], interval: int = 1) -> None:
         """Call ``fn()`` every ``interval`` steps (ASE observer)."""
