@@ -252,3 +252,17 @@ def perturb_norms(model, scale: float = 0.1):
             if "norm" in name or name == "atom_ref":
                 p.add_(scale * torch.randn_like(p))
     return model
+
+
+def transformed_copies(s, seed: int = 0):
+    """``(rotated, R, translated, permuted, perm)`` copies of a pymatgen structure for symmetry
+    tests: a random orthogonal ``R`` applied to the lattice (Cartesian ``x -> R x``), a fixed
+    fractional shift, and a random atom order ``perm`` (``permuted[i] = s[perm[i]]``)."""
+    from pymatgen.core import Lattice, Structure
+
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    rotated = Structure(Lattice(s.lattice.matrix @ q.T), s.species, s.frac_coords)
+    translated = Structure(s.lattice, s.species, s.frac_coords + np.array([0.31, -0.12, 0.57]))
+    perm = np.random.default_rng(seed + 1).permutation(len(s))
+    permuted = Structure(s.lattice, [s.species[i] for i in perm], s.frac_coords[perm])
+    return rotated, torch.as_tensor(q), translated, permuted, perm

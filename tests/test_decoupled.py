@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 import fastchgnet
-from conftest import perturb_norms
+from conftest import perturb_norms, transformed_copies
 from fastchgnet.data import build_graphs, collate
 from fastchgnet.data.prototypes import random_structures
 from fastchgnet.model import CHGNet, DecoupledCHGNet
@@ -77,19 +76,11 @@ def test_forces_and_stress_are_energy_derivatives():
 
 
 def test_rotation_translation_and_permutation_symmetry():
-    from pymatgen.core import Lattice, Structure
-
     m = _model()
     s = random_structures(1, seed=3, max_atoms=8)[0]
-    rng = np.random.default_rng(0)
-    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
-    rot = Structure(Lattice(s.lattice.matrix @ q.T), s.species, s.frac_coords)
-    moved = Structure(s.lattice, s.species, s.frac_coords + np.array([0.31, -0.12, 0.57]))
-    perm = np.random.default_rng(1).permutation(len(s))
-    ps = Structure(s.lattice, [s.species[i] for i in perm], s.frac_coords[perm])
+    rot, R, moved, ps, perm = transformed_copies(s)
     o, r, p, t = (m(collate(build_graphs([x]), dtype=torch.float64), task="efsm")
                   for x in (s, rot, ps, moved))
-    R = torch.as_tensor(q)
     torch.testing.assert_close(r["e"], o["e"], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(r["f"], o["f"] @ R.T, rtol=1e-7, atol=1e-7)
     torch.testing.assert_close(r["s"][0], R @ o["s"][0] @ R.T, rtol=1e-7, atol=1e-7)

@@ -8,7 +8,7 @@ import torch
 from pymatgen.core import Lattice, Structure
 
 import fastchgnet
-from conftest import perturb_norms
+from conftest import perturb_norms, transformed_copies
 from fastchgnet.data import build_graphs, collate
 from fastchgnet.data.prototypes import random_structures
 from fastchgnet.model import CHGNet, DecoupledCHGNet, HeadsCHGNet
@@ -84,14 +84,8 @@ def test_no_second_order_derivatives(monkeypatch):
 def test_rotation_translation_permutation_and_symmetric_stress(head):
     m = _model(stress_head=head)
     s = random_structures(1, seed=3, max_atoms=8)[0]
-    rng = np.random.default_rng(0)
-    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
-    rot = Structure(Lattice(s.lattice.matrix @ q.T), s.species, s.frac_coords)
-    moved = Structure(s.lattice, s.species, s.frac_coords + np.array([0.31, -0.12, 0.57]))
-    perm = np.random.default_rng(1).permutation(len(s))
-    ps = Structure(s.lattice, [s.species[i] for i in perm], s.frac_coords[perm])
+    rot, R, moved, ps, perm = transformed_copies(s)
     o, r, t, p = (_run(m, [x]) for x in (s, rot, moved, ps))
-    R = torch.as_tensor(q)
     assert o["f"].abs().max() > 1e-4 and o["s"].abs().max() > 1e-4  # non-trivial outputs
     torch.testing.assert_close(r["e"], o["e"], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(r["f"], o["f"] @ R.T, rtol=1e-7, atol=1e-9)
