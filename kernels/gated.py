@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastchgnet.kernels import interpreting
 from fastchgnet.kernels._registry import kernel_op, launch
 from fastchgnet.nn import functional as _ref
 
@@ -57,6 +58,8 @@ _NUM_WARPS = 8
 _MAX_BWD_PROGRAMS = 1024
 # Largest feature width handled by the kernel (one row lives in registers); wider falls back.
 _MAX_D = 256
+# kernels are interpreted when TRITON_INTERPRET is set at import (as triton.jit decides)
+_INTERPRETED = interpreting()
 
 
 def _block_sizes(d: int) -> Tuple[int, int]:
@@ -69,6 +72,13 @@ def _split_eps(eps: float) -> Tuple[float, float]:
     adds both parts to stay exact in float64 (the tail is below float32 resolution there)."""
     hi = struct.unpack("f", struct.pack("f", eps))[0]
     return hi, float(eps - hi)
+
+
+def _interpreted_tiles(tiles_per_prog: int) -> int:
+    """The backward's ``TILES``: its loop count as a constant under Triton's interpreter, else 0
+    (compiled: a runtime argument, no recompilation per batch size). Triton 3.6's interpreter
+    cannot loop over a runtime scalar with numpy >= 2.4 (``int()`` of a 1-element array)."""
+    return tiles_per_prog if _INTERPRETED else 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,7 +133,8 @@ def _gated_fwd_kernel(core_ptr, gate_ptr, wc_ptr, bc_ptr, wg_ptr, bg_ptr, weight
 def _gated_bwd_kernel(dout_ptr, core_ptr, gate_ptr, wc_ptr, bc_ptr, wg_ptr, bg_ptr, weight_ptr,
                       stats_ptr, dcore_ptr, dgate_ptr, dwrows_ptr, partial_ptr,
                       n_rows, n_cols, m_rows, tiles_per_prog,
-                      HAS_WEIGHT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                      HAS_WEIGHT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                      TILES: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_D)
@@ -139,7 +150,9 @@ def _gated_bwd_kernel(dout_ptr, core_ptr, gate_ptr, wc_ptr, bc_ptr, wg_ptr, bg_p
     acc_wg = tl.zeros([BLOCK_D], dtype=acc_dtype)
     acc_bg = tl.zeros([BLOCK_D], dtype=acc_dtype)
 
-    for t in range(0, tiles_per_prog):
+    # TILES > 0 (interpreter only, see _interpreted_tiles): the loop count as a constant;
+    # compiled kernels get TILES = 0 and loop over the runtime tiles_per_prog
+    for t in range(0, TILES if TILES > 0 else tiles_per_prog):
         tile = pid + t * nprog
         rows = tile.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         rmask = rows < n_rows
@@ -258,13 +271,15 @@ def _gated_bwd(grad_out: Tensor, core: Tensor, gate: Tensor, w_core: Tensor, b_c
     block_rows, block_d = _block_sizes(d)
     n_tiles = triton.cdiv(n, block_rows)
     nprog = min(n_tiles, _MAX_BWD_PROGRAMS)
+    tiles_per_prog = triton.cdiv(n_tiles, nprog)
     partial = core.new_empty((4, nprog, d))
     wrows = torch.empty_like(core) if has_weight else None
     launch(_gated_bwd_kernel)[(nprog,)](
         grad_out, core, gate, w_core, b_core, w_gate, b_gate, weight if has_weight else core,
         stats, grad_core, grad_gate, wrows if has_weight else grad_out, partial,
-        n, d, m, triton.cdiv(n_tiles, nprog),
-        HAS_WEIGHT=has_weight, BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=_NUM_WARPS)
+        n, d, m, tiles_per_prog,
+        HAS_WEIGHT=has_weight, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
+        TILES=_interpreted_tiles(tiles_per_prog), num_warps=_NUM_WARPS)
     grad_params = partial.sum(dim=1)
     if not has_weight:
         grad_weight = core.new_empty(0)
