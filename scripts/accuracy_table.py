@@ -6,6 +6,8 @@ meV/Å, stress GPa, magnetic moments mμB) next to the per-element baseline::
 
     python scripts/accuracy_table.py --dataset mlearn-Si --epochs 30 --out runs/accuracy
     python scripts/accuracy_table.py --dataset builtin --limit 1000 --epochs 8
+    python scripts/accuracy_table.py --models heads --prefactors 20,1.5,0.1,0.1
+    python scripts/accuracy_table.py --init 0.3.0 --epochs 10 --lr 5e-4   # fine-tuning
 
 The JSON record (one row per variant, with the budget and the wall time) goes to ``--json``.
 """
@@ -49,23 +51,33 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--stress-head", default="virial", choices=["lattice", "virial"],
                    help="stress head of the heads model [%(default)s]")
+    p.add_argument("--prefactors", default="2,1.5,0.1,0.1",
+                   help="loss prefactors e,f,s,m of every model [%(default)s]")
+    p.add_argument("--init", default=None,
+                   help="fine-tune from these weights (\"0.3.0\" or a checkpoint) instead of "
+                        "training the small architecture from scratch")
     p.add_argument("--out", default="runs/accuracy")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    pref = [float(x) for x in args.prefactors.split(",")]
+    if len(pref) != 4:
+        p.error(f"--prefactors needs 4 numbers e,f,s,m, got {args.prefactors!r}")
     rows = []
     for model in args.models.split(","):
-        arch = {**ARCH, "stress_head": args.stress_head}
+        arch = {**ARCH, "stress_head": args.stress_head} if args.init is None else {}
         cfg = TrainConfig(**dataset_args(args.dataset), model=model, model_config=arch,
                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          prefactors=dict(zip("efsm", pref)), init=args.init,
                           limit=args.limit, seed=args.seed, device="cpu", progress=False,
-                          plots=False, out=f"{args.out}/{args.dataset}-{model}-s{args.seed}-{args.stress_head}")
+                          plots=False, out=f"{args.out}/{args.dataset}-{model}-s{args.seed}-{args.stress_head}-"
+                              f"p{args.prefactors.replace(',', '_')}")
         t0 = time.perf_counter()
         metrics = train(cfg)
         rows.append({"model": model, "wall_s": time.perf_counter() - t0, **metrics})
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n| model | energy meV/atom | forces meV/Å | stress GPa | magmom mμB | wall s |")
+    print("\n| model | energy meV/atom | forces meV/Å | stress GPa | magmom mμB | wall s |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         def f(k: str, scale: float, fmt: str) -> str:
