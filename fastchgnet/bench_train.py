@@ -378,6 +378,7 @@ def run_train_bench(
     progress: Callable[[str], None] | None = None,
     models: Sequence[str] = ("exact",),
     compile_heads: bool = False,
+    on_row: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Time one training step of both implementations at each batch size; one row per size.
 
@@ -399,6 +400,8 @@ def run_train_bench(
         compile_heads: also time the ``heads`` step compiled with
             :class:`~fastchgnet.model.compile.CompiledStep` (Inductor, dynamic shapes) as
             ``heads_compiled``; its compilation happens in the warm-up steps.
+        on_row: called with the rows so far after each batch size (e.g. to save partial
+            results of a run with a time limit).
 
     Row fields: ``case``, ``batch_size``, ``atoms``, ``bonds``, ``directed_bonds``, ``angles``,
     ``ours_ms``, ``ref_ms``, ``ratio`` (ref/ours, > 1: fastchgnet faster), minima and all
@@ -501,6 +504,8 @@ def run_train_bench(
                 else:
                     row.update(ref_peak_mib=None, ref_step_mib=None, ref_kernels=None)
             rows.append(row)
+            if on_row is not None:  # e.g. save partial results of a run with a time limit
+                on_row(rows)
             del batch, labels, fns
             if cuda:
                 torch.cuda.empty_cache()
@@ -581,10 +586,21 @@ def main(argv: Sequence[str] | None = None, stream: Any = None) -> list[dict]:
     device, env = start_run(args.device, args.threads, stream)
     sizes = int_list(args.batch_sizes)
     t0 = time.perf_counter()
+    settings = {k: getattr(args, k) for k in ("batch_sizes", "repeats", "warmup", "kernels",
+                                              "max_atoms", "threads", "no_reference",
+                                              "models", "compile")}
+    settings.update(loss_weights=LOSS_WEIGHTS, huber_delta=HUBER_DELTA, optimizer="Adam",
+                    lr=LEARNING_RATE)
+
+    def save_partial(rows: list[dict]) -> None:
+        if args.json:
+            save_record(args.json, env, {**settings, "partial": True}, time.perf_counter() - t0,
+                        rows, sys.stderr)
+
     try:
         rows = run_train_bench(device, sizes, args.repeats, args.warmup, args.kernels,
                                reference=not args.no_reference, max_atoms=args.max_atoms,
-                               models=models, compile_heads=args.compile,
+                               models=models, compile_heads=args.compile, on_row=save_partial,
                                progress=lambda n: print(f"  running {n} ...", file=sys.stderr,
                                                         flush=True))
     except ValueError as exc:  # e.g. --kernels triton on the CPU without TRITON_INTERPRET=1
@@ -596,11 +612,6 @@ def main(argv: Sequence[str] | None = None, stream: Any = None) -> list[dict]:
           f"{args.repeats} interleaved steps after {args.warmup} warm-up; ratio = chgnet/ours; "
           f"structures: {src}; total {wall:.1f} s", file=stream)
     if args.json:
-        settings = {k: getattr(args, k) for k in ("batch_sizes", "repeats", "warmup", "kernels",
-                                                  "max_atoms", "threads", "no_reference",
-                                                  "models", "compile")}
-        settings.update(loss_weights=LOSS_WEIGHTS, huber_delta=HUBER_DELTA, optimizer="Adam",
-                        lr=LEARNING_RATE)
         save_record(args.json, env, settings, wall, rows, stream)
     return rows
 

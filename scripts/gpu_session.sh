@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # GPU session kit: tests and benchmarks of fastchgnet on a lent GPU machine, in one command each.
 #
-#   bash scripts/gpu_session.sh part1    # CUDA test suite, training-step and MD-step benchmarks
-#   bash scripts/gpu_session.sh part2    # scaling, fused kernels, device graph, trainer benchmarks
-#   bash scripts/gpu_session.sh all      # both (longer than one 10-minute device command)
+#   bash scripts/gpu_session.sh part1    # CUDA test suite, training-step benchmarks
+#   bash scripts/gpu_session.sh part2    # MD step (eager, compiled, CUDA graphs, 2,000 atoms),
+#                                        # largest cell in 30 GB, scaling inputs
+#   bash scripts/gpu_session.sh part3    # fused kernels, device graph, trainer benchmarks
+#   bash scripts/gpu_session.sh all      # all three (longer than one 10-minute device command)
 #
-# Each part is planned to end in under ~9 minutes: every step runs under its own `timeout`
+# The parts are in order of importance; three fit in one 30-minute session (~8 minutes each plus
+# the machine's start). Each part is planned to end in under ~8 minutes: every step runs under its own `timeout`
 # (KIT_T_<STEP> seconds, defaults below) and a failed or timed-out step does not stop the rest.
 # Results go to $OUT (at most 8 files; more are packed into one .tar.gz); the step summary is
 # printed last and appended to env.txt.
@@ -23,8 +26,8 @@ set -u -o pipefail
 
 PART=${1:-}
 case "$PART" in
-    part1|part2|all) ;;
-    *) echo "usage: bash scripts/gpu_session.sh part1|part2|all" >&2; exit 2 ;;
+    part1|part2|part3|all) ;;
+    *) echo "usage: bash scripts/gpu_session.sh part1|part2|part3|all" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD
@@ -134,13 +137,15 @@ EOF
 # sizes: the GPU runs' defaults, or tiny ones for the local CPU check
 if [ "$DRY" = 1 ]; then
     TRAIN=(--batch-sizes 2 --max-atoms 8 --repeats 1 --warmup 1)
-    MD=(--repeats 1 --warmup 1)
+    MD=(--repeats 1 --warmup 1 --large 100 --variants eager,compiled,cudagraph)
+    CELL=(--max-cell-start 16 --max-cell-limit 64)
     SCALING=(--tiny --batch-sizes 1,2 --max-atoms 8 --repeats 1 --warmup 1 --ranks 4,8)
     TRAINER=(--n-structures 8 --batch-sizes 4 --max-atoms 8 --repeats 1 --warmup 1)
     COLLECT=(--collect-only -q)
 else
     TRAIN=(--batch-sizes 16,32,64)
-    MD=()
+    MD=(--repeats 10 --warmup 3 --large 2000 --variants eager,compiled,cudagraph)
+    CELL=(--memory-gb 30 --max-cell-start 1000 --max-cell-limit 131072 --max-cell-seconds 60)
     SCALING=()
     TRAINER=()
     COLLECT=()
@@ -158,19 +163,24 @@ part1() {
         threads=(env OMP_NUM_THREADS=$(( $(nproc) / ${KIT_XDIST:-4} > 0 ? $(nproc) / ${KIT_XDIST:-4} : 1 )))
     fi
     [ "$DRY" = 1 ] && args+=(--collect-only)
-    STEP_LOG="$OUT/pytest-$TAG.log" step pytest "${KIT_T_PYTEST:-260}" "${threads[@]}" "$PY" -m pytest "${args[@]}"
+    STEP_LOG="$OUT/pytest-$TAG.log" step pytest "${KIT_T_PYTEST:-250}" "${threads[@]}" "$PY" -m pytest "${args[@]}"
     step train-step "${KIT_T_TRAIN:-120}" "$PY" -m fastchgnet.bench_train --device "$DEV" \
         --models exact,decoupled,heads "${TRAIN[@]}" --json "$OUT/$TAG-train-step.json"
     step train-step-compiled "${KIT_T_TRAIN_COMPILED:-100}" "$PY" -m fastchgnet.bench_train \
         --device "$DEV" --models heads --compile "${TRAIN[@]}" \
         --json "$OUT/$TAG-train-step-compiled.json"
-    step md-step "${KIT_T_MD:-60}" "$PY" -m fastchgnet.bench_md --device "$DEV" "${MD[@]}" \
-        --json "$OUT/$TAG-md-step.json"
 }
 
 part2() {
-    step scaling "${KIT_T_SCALING:-90}" "$PY" -m fastchgnet.bench_scaling --device "$DEV" \
+    step md-step "${KIT_T_MD:-200}" "$PY" -m fastchgnet.bench_md --device "$DEV" "${MD[@]}" \
+        --json "$OUT/$TAG-md-step.json"
+    step max-cell "${KIT_T_CELL:-200}" "$PY" -m fastchgnet.bench_md --device "$DEV" --max-cell \
+        "${CELL[@]}" --json "$OUT/$TAG-max-cell.json"
+    step scaling "${KIT_T_SCALING:-80}" "$PY" -m fastchgnet.bench_scaling --device "$DEV" \
         "${SCALING[@]}" --json "$OUT/$TAG-scaling.json"
+}
+
+part3() {
     step kernels "${KIT_T_KERNELS:-180}" "$PY" -m pytest benchmarks/test_bench_kernels.py \
         -p no:cacheprovider --benchmark-only --benchmark-json "$OUT/$TAG-kernels.json" \
         "${COLLECT[@]}"
@@ -203,6 +213,7 @@ write_env
 case "$PART" in
     part1) part1 ;;
     part2) part2 ;;
-    all) part1; part2 ;;
+    part3) part3 ;;
+    all) part1; part2; part3 ;;
 esac
 finish
