@@ -580,6 +580,21 @@ def main_bench(device: str = "auto", repeats: int = 5, warmup: int = 1, quick: b
     return rows
 
 
+def partial_saver(path: str | Path | None, env: dict, settings: dict,
+                  t0: float) -> Callable[[list[dict]], None] | None:
+    """An ``on_row`` callback that rewrites the record at ``path`` with the rows so far (marked
+    ``"partial": true``), so a run stopped by a time limit keeps what it measured; None without
+    a path."""
+    if not path:
+        return None
+
+    def save(rows: list[dict]) -> None:
+        save_record(path, env, {**settings, "partial": True}, time.perf_counter() - t0, rows,
+                    sys.stderr)
+
+    return save
+
+
 def save_record(path: str | Path, env: dict, settings: dict, wall_s: float, rows: list[dict],
                 stream: Any = None) -> Path:
     """Write a benchmark record ``{environment, settings, wall_s, rows}`` as JSON."""

@@ -47,6 +47,7 @@ from fastchgnet.bench import (
     fmt_or_na,
     load_our_model,
     load_reference,
+    partial_saver,
     quiet,
     resolve_device,
     save_record,
@@ -352,19 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     device, env = start_run(args.device, args.threads)
     t0 = time.perf_counter()
     say = lambda n: print(f"  running {n} ...", file=sys.stderr, flush=True)  # noqa: E731
-    settings: dict[str, Any] = {}
-
-    def save_partial(rows: list[dict]) -> None:
-        # a run stopped by a time limit still leaves the rows measured so far
-        if args.json:
-            save_record(args.json, env, {**settings, "partial": True}, time.perf_counter() - t0,
-                        rows, stream=sys.stderr)
-
     if args.max_cell:
         settings = {"memory_gb": args.memory_gb or None, "start": args.max_cell_start,
                     "limit": args.max_cell_limit, "max_seconds": args.max_cell_seconds}
         rows = largest_cell(device, reference=not args.no_reference, threads=args.threads,
-                            progress=say, on_row=save_partial, **settings)
+                            progress=say, on_row=partial_saver(args.json, env, settings, t0),
+                            **settings)
         wall = time.perf_counter() - t0
         print(format_cell_table(rows))
         print(f"# one calculator call (energy, forces, stress) per size; total {wall:.1f} s")
@@ -374,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                     "large": int_list(args.large), "variants": variants}
         rows = run_md_bench(device, args.repeats, args.warmup, reference=not args.no_reference,
                             progress=say, large=int_list(args.large), variants=variants,
-                            on_row=save_partial)
+                            on_row=partial_saver(args.json, env, settings, t0))
         wall = time.perf_counter() - t0
         print(format_md_table(rows))
         print(f"# one velocity-Verlet step (graph + efsm model call + integrator), medians of "

@@ -53,6 +53,7 @@ from fastchgnet.bench import (
     graph_counts,
     load_our_model,
     load_reference,
+    partial_saver,
     quiet,
     reference_converter,
     resolve_device,
@@ -592,15 +593,11 @@ def main(argv: Sequence[str] | None = None, stream: Any = None) -> list[dict]:
     settings.update(loss_weights=LOSS_WEIGHTS, huber_delta=HUBER_DELTA, optimizer="Adam",
                     lr=LEARNING_RATE)
 
-    def save_partial(rows: list[dict]) -> None:
-        if args.json:
-            save_record(args.json, env, {**settings, "partial": True}, time.perf_counter() - t0,
-                        rows, sys.stderr)
-
     try:
         rows = run_train_bench(device, sizes, args.repeats, args.warmup, args.kernels,
                                reference=not args.no_reference, max_atoms=args.max_atoms,
-                               models=models, compile_heads=args.compile, on_row=save_partial,
+                               models=models, compile_heads=args.compile,
+                               on_row=partial_saver(args.json, env, settings, t0),
                                progress=lambda n: print(f"  running {n} ...", file=sys.stderr,
                                                         flush=True))
     except ValueError as exc:  # e.g. --kernels triton on the CPU without TRITON_INTERPRET=1

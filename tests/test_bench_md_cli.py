@@ -74,3 +74,16 @@ def test_md_bench_variant_columns_and_cpu_skips_cuda_graphs(monkeypatch, capsys)
     assert len(rows) == 1 and rows[0]["n_atoms"] == 8 and "cudagraph_ms" not in rows[0]
     table = bench_md.format_md_table([{**rows[0], "compiled_ms": 1.0, "ratio_compiled": None}])
     assert "compiled ms/step" in table and "cudagraph" not in table
+
+
+def test_partial_saver_rewrites_the_record_marked_partial(tmp_path):
+    from fastchgnet.bench import partial_saver
+
+    assert partial_saver(None, {}, {}, 0.0) is None
+    path = tmp_path / "r.json"
+    save = partial_saver(path, {"device": "cpu"}, {"repeats": 2}, 0.0)
+    save([{"case": "a"}])
+    save([{"case": "a"}, {"case": "b"}])
+    record = json.loads(path.read_text())
+    assert record["settings"] == {"repeats": 2, "partial": True}
+    assert [r["case"] for r in record["rows"]] == ["a", "b"]
