@@ -297,6 +297,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps [%(default)s]")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this")
+    p.add_argument("--ema-decay", type=float, default=None, metavar="DECAY",
+                   help="validate and save (best.pt) an exponential moving average of the weights "
+                        "with this decay, e.g. 0.99 [off]")
     p.add_argument("--loss", default="huber", choices=["huber", "mse", "mae"])
     p.add_argument("--delta", type=float, default=0.1, help="Huber delta [%(default)s]")
     p.add_argument("--weights", default="2,1.5,0.1,0.1", metavar="E,F,S,M",
@@ -353,7 +356,7 @@ def _run_train(args: argparse.Namespace) -> int:
         init=args.init, freeze=tuple(x for x in args.freeze.split(",") if x),
         refit_atom_ref=args.refit_atomref, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, loss=args.loss, delta=args.delta,
+        grad_clip=args.grad_clip, ema_decay=args.ema_decay, loss=args.loss, delta=args.delta,
         prefactors={"e": e, "f": f, "s": s, "m": m}, precision=args.precision, seed=args.seed,
         device=args.device, out=args.out, cache=args.cache, workers=args.workers,
         cache_workers=args.cache_workers,

@@ -132,14 +132,17 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(setup):
 
 
 def test_two_ranks_train_the_heads_model_like_one_process(setup):
-    """The heads model (forces and stress from output heads, first-order backward) under DDP."""
-    ref = TrainConfig(**{**setup["base"], "epochs": 1, "model": "heads"}, out=str(setup["root"] / "heads1"))
+    """The heads model (forces and stress from output heads, first-order backward) under DDP,
+    with a moving average of the weights (the same on every rank)."""
+    ref = TrainConfig(**{**setup["base"], "epochs": 1, "model": "heads", "ema_decay": 0.9},
+                      out=str(setup["root"] / "heads1"))
     train(ref, log=lambda m: None)
-    out, res = _run_ranks(setup, "heads2", epochs=1, model="heads")
+    out, res = _run_ranks(setup, "heads2", epochs=1, model="heads", ema_decay=0.9)
     assert [c for c, _ in res] == [0, 0], res
-    a, b = _params(Path(ref.out) / "last.pt"), _params(out / "last.pt")
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-10, msg=k)
+    for name in ("last.pt", "best.pt"):  # raw weights, averaged weights
+        a, b = _params(Path(ref.out) / name), _params(out / name)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-10, msg=f"{name}: {k}")
 
 
 @pytest.mark.slow

@@ -283,12 +283,13 @@ def test_cli_train_and_evaluate(tmp_path, xyz, capsys):
     out = tmp_path / "cli"
     args = ["train", "--data", str(xyz), "--epochs", "1", "--batch-size", "4", "--out", str(out),
             "--cache", str(tmp_path / "cache"), "--device", "cpu", "--no-progress", "--no-plots",
-            "--split", "0.8,0.1,0.1"]
+            "--split", "0.8,0.1,0.1", "--ema-decay", "0.9"]
     # the CLI cannot set a tiny architecture; fine-tune the tiny model saved by the API instead
     train(_cfg(tmp_path / "api", xyz, epochs=1), log=lambda m: None)
     args += ["--init", str(tmp_path / "api" / "run" / "best.pt")]
     assert main(args) == 0
     assert (out / "test.json").is_file()
+    assert json.loads((out / "config.json").read_text())["ema_decay"] == 0.9
     assert main(["evaluate", str(out / "best.pt"), "--data", str(xyz), "--cache", str(tmp_path / "cache"),
                  "--device", "cpu", "--out", str(tmp_path / "ev")]) == 0
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["n_test"] == 20

@@ -53,6 +53,7 @@ from fastchgnet.model.compile import check_first_order, compile_callable
 from fastchgnet.model.weights import MODEL_TYPES, load_model, save_checkpoint
 from fastchgnet.train.balance import POLICIES, DistributedBatchSampler, sample_costs
 from fastchgnet.train.data import Collator, DevicePrefetcher, EpochBatchSampler, GraphDataset, split_indices
+from fastchgnet.train.ema import EMA
 from fastchgnet.train.distributed import (
     DEFAULT_TIMEOUT_S,
     DistEnv,
@@ -102,6 +103,7 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     grad_clip: float | None = None
+    ema_decay: float | None = None  # validate and save a moving average of the weights (e.g. 0.99)
     loss: str = "huber"
     delta: float = 0.1
     prefactors: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PREFACTORS))
@@ -138,6 +140,8 @@ class TrainConfig:
             raise ValueError(f"learning rate must be positive, got {self.lr}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.init is not None and self.model_config:
             raise ValueError("model_config overrides cannot be combined with init (the checkpoint "
                              "defines the architecture)")
@@ -513,6 +517,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, total_steps=config.epochs * self.steps_per_epoch,
                                         warmup_steps=config.warmup_steps, min_lr_ratio=config.min_lr_ratio)
+        # averaged weights (after any freezing: frozen parameters are not averaged)
+        self.ema = EMA(self.model, config.ema_decay) if config.ema_decay is not None else None
         self.epoch = 0  # completed epochs
         self.step = 0  # optimiser steps taken
         self.step_in_epoch = 0
@@ -532,7 +538,8 @@ class Trainer:
                 "epoch_time": self._epoch_time, "steps_per_epoch": self.steps_per_epoch,
                 "world_size": self.dist.world_size if self.dist is not None else 1,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": _rng_state(self.device), "train_config": self.cfg.to_dict()}
+                "rng": _rng_state(self.device), "train_config": self.cfg.to_dict(),
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("state_version") != STATE_VERSION:
@@ -560,6 +567,11 @@ class Trainer:
             if hasattr(lam, "total_steps") and lam.total_steps != total:
                 lam.total_steps = max(total, lam.warmup_steps)
         _set_rng_state(state.get("rng", {}), self.device)
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ValueError("the trainer state has no EMA weights (the run was saved without "
+                                 "ema_decay); resume it with the same ema_decay")
+            self.ema.load_state_dict(state["ema"])
 
     def save(self, path: Path, **extra: Any) -> Path:
         """Model checkpoint (loadable by :func:`load_model`) plus the trainer state, atomically.
@@ -618,15 +630,23 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
         return share.detach()
+
+    def averaged(self) -> contextlib.AbstractContextManager[None]:
+        """Context in which the model holds the weights that are validated and saved as best.pt:
+        the moving average with ``ema_decay``, else the current weights."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def validate(self) -> dict[str, Any]:
         if self.val_set is None or len(self.val_set) == 0:
             return {"loss": float("nan"), "e_mae": float("nan"), "f_mae": float("nan"),
                     "s_mae": float("nan"), "m_mae": float("nan"), "n": 0}
         per_rank = max(1, self.cfg.batch_size // (self.dist.world_size if self.dist else 1))
-        return evaluate(self.model, self.val_set, batch_size=self.cfg.eval_batch_size or 2 * per_rank,
-                        device=self.device, loss_fn=self.loss_fn, env=self.dist)
+        with self.averaged():
+            return evaluate(self.model, self.val_set, batch_size=self.cfg.eval_batch_size or 2 * per_rank,
+                            device=self.device, loss_fn=self.loss_fn, env=self.dist)
 
     def fit(self) -> list[dict[str, Any]]:
         """Train up to ``config.epochs`` epochs (from the current state); returns the metric rows
@@ -707,7 +727,9 @@ class Trainer:
             self.best_val = val["loss"]
         self.save(self.out / "last.pt")
         if self.is_main and (improved or not (self.out / "best.pt").exists()):
-            save_checkpoint(self.model, self.out / "best.pt", epoch=self.epoch, val=val)
+            with self.averaged():
+                save_checkpoint(self.model, self.out / "best.pt", epoch=self.epoch, val=val,
+                                **({"ema_decay": self.ema.decay} if self.ema is not None else {}))
         self.log(f"epoch {self.epoch:>3}/{self.cfg.epochs}  {row['time_s']:7.1f} s  lr {row['lr']:.2e}  "
                  f"train {train_loss:.4f}  val {val['loss']:.4f}  MAE e {_fmt(val['e_mae'] * 1e3)} meV/atom  "
                  f"f {_fmt(val['f_mae'] * 1e3)} meV/A  s {_fmt(val['s_mae'])} GPa  m {_fmt(val['m_mae'])} muB"
