@@ -362,3 +362,19 @@ def test_scaling_tool_runs_on_the_cpu(tmp_path):
     text = buf.getvalue()
     assert "strong scaling" in text and "weak scaling" in text and "predicts nothing about GPUs" in text
     assert json.loads((tmp_path / "s.json").read_text())["rows"][0]["fit"]["k_ms_per_structure"] >= 0
+
+
+@pytest.mark.slow
+def test_bucket_size_script_times_real_torchrun_jobs(setup, tmp_path):
+    """scripts/ddp_buckets.py: one torchrun job (2 gloo ranks) per bucket size, throughput from
+    the epochs after the first, a JSON record."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ddp_buckets.py"
+    rec = tmp_path / "b.json"
+    res = subprocess.run([sys.executable, str(script), "--data", str(setup["xyz"]), "--limit", "16",
+                          "--buckets", "default,25", "--repeats", "1", "--epochs", "2", "--json", str(rec)],
+                         capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(rec.read_text())["rows"]
+    assert [r["bucket_mb"] for r in rows] == ["default", "25"]
+    assert all(len(r["structures_per_s"]) == 1 and r["median"] > 0 for r in rows)
+    assert "| 25 |" in res.stdout
