@@ -21,6 +21,7 @@ Run: ``python -m fastchgnet.bench_memory --train-batch-sizes 16,32,64 --md-atoms
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 import weakref
@@ -77,12 +78,52 @@ def peak_tensor_mib(fn: Callable[[], Any]) -> float:
     return tracker.peak / MIB
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc)))
+
+
+def measure(fn: Callable[[], Any]) -> float | None:
+    """:func:`peak_tensor_mib` after one untracked warm-up call; None when either call runs out
+    of memory (under ``--memory-limit-gb`` an allocation fails instead of the process being
+    killed)."""
+    try:
+        fn()
+        return peak_tensor_mib(fn)
+    except (RuntimeError, MemoryError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        return None
+    finally:
+        gc.collect()
+
+
+def limit_memory(gb: float) -> None:
+    """Cap this process's address space at ``gb`` GiB (``RLIMIT_AS``), so that an allocation
+    past it raises instead of waking the kernel's OOM killer. Irreversible for the process."""
+    import ctypes
+    import ctypes.util
+    import resource
+
+    # glibc raises its mmap threshold after each large free, so later large tensors land in the
+    # heap, which does not shrink: the address space of one step that ran out would stay
+    # reserved. A fixed threshold keeps every tensor above 128 KiB in its own mapping.
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: the cap still applies
+        pass
+    cap = int(gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
 # ----------------------------------------------------------------------------------------------
 # training step
 
 
 def train_memory(batch_sizes: Sequence[int] = (16, 32, 64), *, models: Sequence[str] = ("exact", "heads"),
-                 reference: bool = True, max_atoms: int = 64, seed: int = 0,
+                 reference: bool = True, max_atoms: int = 64, seed: int = 0, isolate: bool = False,
+                 memory_limit_gb: float | None = None,
                  progress: Callable[[str], None] | None = None,
                  on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Peak tensor MiB of one training step (energy, forces, stress, magmoms; loss; backward;
@@ -91,9 +132,28 @@ def train_memory(batch_sizes: Sequence[int] = (16, 32, 64), *, models: Sequence[
     The steps and batches are those of :mod:`fastchgnet.bench_train`: MPtrj-like cells of up to
     ``max_atoms`` atoms, all models from the 0.3.0 weights. Row fields: ``batch_size``,
     ``atoms``/``bonds``/``angles``, ``<model>_mib`` for each of ``models``, ``ref_mib`` and
-    ``ref_over_<model>`` (> 1: fastchgnet needs less).
+    ``ref_over_<model>`` (> 1: fastchgnet needs less); a value is None when that step ran out of
+    memory (see :func:`limit_memory`).
+
+    ``isolate``: each (batch size, implementation) in a fresh process (``memory_limit_gb`` caps
+    each). A step that ran out of memory can leave address space reserved in its process, which
+    would make every later measurement there fail or read high.
     """
-    from fastchgnet.bench import load_our_model, load_reference, reference_converter
+    if isolate:
+        impls = list(models) + (["ref"] if reference else [])
+        rows = []
+        for bs in batch_sizes:
+            row: dict[str, Any] = {"batch_size": int(bs)}
+            for impl in impls:
+                if progress is not None:
+                    progress(f"train b{bs} {impl} (own process)")
+                one = _isolated(f"train:{bs}:{impl}", max_atoms=max_atoms, seed=seed,
+                                memory_limit_gb=memory_limit_gb)
+                row.update({k: v for k, v in (one or {}).items() if not k.endswith("_mib")})
+                row[f"{impl}_mib"] = (one or {}).get(f"{impl}_mib")
+            _finish_row(rows, row, models, on_row)
+        return rows
+    from fastchgnet.bench import load_our_model
     from fastchgnet.bench_train import (
         chgnet_inputs,
         chgnet_like_batch,
@@ -101,6 +161,7 @@ def train_memory(batch_sizes: Sequence[int] = (16, 32, 64), *, models: Sequence[
         make_optimizer,
         our_inputs,
         ours_train_step,
+        reference_training,
         variant_steps,
     )
 
@@ -111,11 +172,7 @@ def train_memory(batch_sizes: Sequence[int] = (16, 32, 64), *, models: Sequence[
     if "exact" in models:
         steps["exact"] = lambda b, y, opt=make_optimizer(exact): ours_train_step(exact, opt, b, y)
     steps.update(variant_steps(exact, [m for m in models if m != "exact"]))
-    ref = load_reference(device) if reference else None
-    conv = reference_converter() if ref is not None else None
-    if ref is not None:
-        ref.train()
-        ref_opt = make_optimizer(ref)
+    ref, conv, ref_opt = reference_training(device, reference)
     rows: list[dict] = []
     for bs in batch_sizes:
         data = chgnet_like_batch(int(bs), seed + int(bs), max_atoms=max_atoms)
@@ -124,19 +181,15 @@ def train_memory(batch_sizes: Sequence[int] = (16, 32, 64), *, models: Sequence[
         for name, step in steps.items():
             if progress is not None:
                 progress(f"train b{bs} {name}")
-            step(batch, labels)  # warm-up: Adam's moments, lazy buffers
-            row[f"{name}_mib"] = peak_tensor_mib(lambda: step(batch, labels))
+            # after a warm-up step: Adam's moments, lazy buffers
+            row[f"{name}_mib"] = measure(lambda: step(batch, labels))
         if ref is not None:
             graphs, ref_labels, _ = chgnet_inputs(data, conv, device)
             if progress is not None:
                 progress(f"train b{bs} chgnet")
-            chgnet_train_step(ref, ref_opt, graphs, ref_labels)
-            row["ref_mib"] = peak_tensor_mib(lambda: chgnet_train_step(ref, ref_opt, graphs, ref_labels))
-            for name in steps:
-                row[f"ref_over_{name}"] = row["ref_mib"] / row[f"{name}_mib"]
-        rows.append(row)
-        if on_row is not None:
-            on_row(rows)
+            row["ref_mib"] = measure(lambda: chgnet_train_step(ref, ref_opt, graphs, ref_labels))
+            del graphs
+        _finish_row(rows, row, list(steps), on_row)
     return rows
 
 
@@ -144,18 +197,35 @@ def train_memory(batch_sizes: Sequence[int] = (16, 32, 64), *, models: Sequence[
 # MD step (energy, forces, stress of one cell)
 
 
-def md_memory(n_atoms: Sequence[int] = (512, 1000, 2000), *, reference: bool = True,
+def md_memory(n_atoms: Sequence[int] = (512, 1000, 2000), *, reference: bool = True, ours: bool = True,
+              isolate: bool = False, memory_limit_gb: float | None = None,
               progress: Callable[[str], None] | None = None,
               on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Peak tensor MiB of one energy/forces/stress evaluation of a rattled Si supercell of at
     least ``n`` atoms, through each ASE calculator (ours builds the graph with torch ops, which
-    are counted; chgnet builds it in numpy/Cython, which is not)."""
+    are counted; chgnet builds it in numpy/Cython, which is not). ``isolate`` as in
+    :func:`train_memory`."""
+    if isolate:
+        impls = (["ours"] if ours else []) + (["ref"] if reference else [])
+        rows = []
+        for n in n_atoms:
+            row: dict[str, Any] = {}
+            for impl in impls:
+                if progress is not None:
+                    progress(f"md {n} atoms {impl} (own process)")
+                one = _isolated(f"md:{n}:{impl}", memory_limit_gb=memory_limit_gb)
+                row.update(one or {"n_atoms": int(n)})
+                row.setdefault(f"{impl}_mib", None)
+            _finish_row(rows, row, ["ours"] if ours else [], on_row)
+        return rows
     from fastchgnet.bench import load_our_model
     from fastchgnet.bench_md import _reference_calculator, si_supercell
     from fastchgnet.md.calculator import CHGNetCalculator
 
-    model, _ = load_our_model("cpu")
-    calcs: dict[str, Any] = {"ours": CHGNetCalculator(model, task="efs")}
+    calcs: dict[str, Any] = {}
+    if ours:
+        model, _ = load_our_model("cpu")
+        calcs["ours"] = CHGNetCalculator(model, task="efs")
     if reference:
         ref = _reference_calculator("cpu")
         if ref is not None:
@@ -175,14 +245,56 @@ def md_memory(n_atoms: Sequence[int] = (512, 1000, 2000), *, reference: bool = T
                 a.get_forces()
                 a.get_stress()
 
-            call()  # warm-up
-            row[f"{name}_mib"] = peak_tensor_mib(call)
-        if "ref_mib" in row:
-            row["ref_over_ours"] = row["ref_mib"] / row["ours_mib"]
-        rows.append(row)
-        if on_row is not None:
-            on_row(rows)
+            row[f"{name}_mib"] = measure(call)
+        _finish_row(rows, row, ["ours"] if ours else [], on_row)
     return rows
+
+
+def _isolated(spec: str, *, max_atoms: int = 64, seed: int = 0,
+              memory_limit_gb: float | None = None) -> dict | None:
+    """Run one measurement (``train:<batch>:<impl>`` or ``md:<atoms>:<impl>``) in a fresh
+    process; its row, or None when the process was killed (the kernel's OOM killer)."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, "-m", "fastchgnet.bench_memory", "--one", spec, "--max-atoms", str(max_atoms),
+           "--seed", str(seed), "--threads", str(torch.get_num_threads())]
+    if memory_limit_gb:
+        cmd += ["--memory-limit-gb", str(memory_limit_gb)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode < 0:  # killed by a signal
+        return None
+    if res.returncode != 0:
+        raise RuntimeError(f"memory measurement {spec} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _one(spec: str, max_atoms: int, seed: int) -> dict:
+    kind, size, impl = spec.split(":")
+    if kind == "train":
+        rows = train_memory([int(size)], models=[] if impl == "ref" else [impl], reference=impl == "ref",
+                            max_atoms=max_atoms, seed=seed)
+    elif kind == "md":
+        rows = md_memory([int(size)], ours=impl == "ours", reference=impl == "ref")
+    else:
+        raise ValueError(f"--one {spec!r}: use train:<batch>:<impl> or md:<atoms>:<impl>")
+    return rows[0]
+
+
+def _finish_row(rows: list[dict], row: dict, ours: Sequence[str],
+                on_row: Callable[[list[dict]], None] | None) -> None:
+    """Add ``ref_over_<name>`` (chgnet's peak over ours) when chgnet was measured; append the row
+    and report the rows so far."""
+    if "ref_mib" in row:
+        for name in ours:
+            row[f"ref_over_{name}"] = _ratio(row["ref_mib"], row.get(f"{name}_mib"))
+    rows.append(row)
+    if on_row is not None:
+        on_row(rows)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def largest_fit(rows: list[dict], key: str, budget_gib: float = 30.0) -> dict[str, float] | None:
@@ -213,10 +325,25 @@ def main(argv: Sequence[str] | None = None, stream: Any = None) -> dict[str, Any
     p.add_argument("--budget-gib", type=float, default=30.0, help="memory budget of the fit [%(default)s]")
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--memory-limit-gb", type=float, default=None, metavar="GB",
+                   help="cap this process's address space: a step that needs more is recorded as "
+                        "out of memory (n/a) instead of the process being killed")
+    p.add_argument("--isolate", action="store_true",
+                   help="measure each (size, implementation) in a fresh process")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training batches")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one measurement
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args(argv)
+    if args.memory_limit_gb:
+        limit_memory(args.memory_limit_gb)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.one:
+        import json
+
+        row = _one(args.one, args.max_atoms, args.seed)
+        print(json.dumps(row), file=out)
+        return row
     t0 = time.perf_counter()
     env = environment("cpu")
     settings = vars(args)
@@ -237,23 +364,27 @@ def main(argv: Sequence[str] | None = None, stream: Any = None) -> dict[str, Any
     if sizes:
         models = [m for m in args.models.split(",") if m]
         result["train"] = train_memory(sizes, models=models, reference=not args.no_reference,
-                                       max_atoms=args.max_atoms, progress=progress, on_row=saver("train"))
+                                       max_atoms=args.max_atoms, seed=args.seed, isolate=args.isolate,
+                                       memory_limit_gb=args.memory_limit_gb, progress=progress,
+                                       on_row=saver("train"))
         head = ["batch", "atoms", "angles"] + [f"{m} MiB" for m in models] + ["chgnet MiB"] + \
                [f"chgnet/{m}" for m in models]
-        print(text_table(head, [[str(r["batch_size"]), str(r["atoms"]), str(r["angles"])]
+        print(text_table(head, [[str(r["batch_size"]), str(r.get("atoms", "n/a")), str(r.get("angles", "n/a"))]
                                 + [fmt_or_na(r[f"{m}_mib"], ".0f") for m in models]
                                 + [fmt_or_na(r.get("ref_mib"), ".0f")]
                                 + [fmt_or_na(r.get(f"ref_over_{m}"), ".2f") for m in models]
                                 for r in result["train"]]), file=out)
     md = [int(x) for x in args.md_atoms.split(",") if x]
     if md:
-        result["md"] = md_memory(md, reference=not args.no_reference, progress=progress, on_row=saver("md"))
+        result["md"] = md_memory(md, reference=not args.no_reference, isolate=args.isolate,
+                                 memory_limit_gb=args.memory_limit_gb, progress=progress,
+                                 on_row=saver("md"))
         for key in ("ours_mib", "ref_mib"):
             fit = largest_fit(result["md"], key, args.budget_gib)
             if fit is not None:
                 result["fit"][key] = fit
         print(text_table(["atoms", "ours MiB", "chgnet MiB", "chgnet/ours"],
-                         [[str(r["n_atoms"]), fmt_or_na(r["ours_mib"], ".0f"),
+                         [[str(r["n_atoms"]), fmt_or_na(r.get("ours_mib"), ".0f"),
                            fmt_or_na(r.get("ref_mib"), ".0f"), fmt_or_na(r.get("ref_over_ours"), ".2f")]
                           for r in result["md"]]), file=out)
         for key, fit in result["fit"].items():

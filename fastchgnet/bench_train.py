@@ -80,6 +80,7 @@ __all__ = [
     "make_optimizer",
     "our_inputs",
     "ours_train_step",
+    "reference_training",
     "run_train_bench",
     "step_memory_mib",
     "train_loss",
@@ -283,6 +284,16 @@ def ours_train_step(model: Any, optimizer: torch.optim.Optimizer, batch: Any,
     return loss.detach()
 
 
+def reference_training(device: str, reference: bool = True) -> tuple[Any, Any, Any]:
+    """chgnet's 0.3.0 model in training mode, its graph converter and an Adam for it; three Nones
+    when not wanted or when chgnet is not installed."""
+    ref = load_reference(device) if reference else None
+    if ref is None:
+        return None, None, None
+    ref.train()
+    return ref, reference_converter(), make_optimizer(ref)
+
+
 def variant_steps(exact: Any, names: Sequence[str],
                   compile_heads: bool = False) -> dict[str, Callable[[Any, dict], torch.Tensor]]:
     """Training-step functions ``step(batch, labels) -> loss`` of other model variants, each a
@@ -435,11 +446,7 @@ def run_train_bench(
         model.train()
         opt = make_optimizer(model)
         variants = variant_steps(model, [m for m in models if m != "exact"], compile_heads)
-        ref = load_reference(device) if reference else None
-        conv = reference_converter() if ref is not None else None
-        if ref is not None:
-            ref.train()
-            ref_opt = make_optimizer(ref)
+        ref, conv, ref_opt = reference_training(device, reference)
 
         rows: list[dict] = []
         for bs in sizes:

@@ -73,3 +73,34 @@ def test_benchmark_rows_on_tiny_sizes(tmp_path):
         assert train["ref_over_heads"] == pytest.approx(train["ref_mib"] / train["heads_mib"])
     rec = json.loads((tmp_path / "m.json").read_text())
     assert rec["rows"][0]["md"][1]["n_atoms"] == large["n_atoms"]
+
+
+def test_a_step_past_the_memory_limit_is_recorded_not_killed():
+    """Under limit_memory an allocation past the cap raises, and measure() records None."""
+    import subprocess
+    import sys
+
+    code = """
+import resource, torch
+from fastchgnet.bench_memory import limit_memory, measure
+vm = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()
+limit_memory(vm / 2**30 + 1.0)  # 1 GiB above what the process maps now
+assert measure(lambda: torch.ones(2**27)) is not None  # 512 MiB fits
+assert measure(lambda: torch.ones(2**30)) is None  # 4 GiB does not
+assert measure(lambda: [torch.ones(2**25) for _ in range(4)]) is not None  # the space came back
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_isolated_measurements_equal_in_process_ones(tmp_path):
+    """--isolate runs every (size, implementation) in its own process: same numbers."""
+    argv = ["--train-batch-sizes", "2", "--max-atoms", "8", "--models", "heads", "--md-atoms", "16",
+            "--threads", "1", "--no-reference"]
+    here = main(argv)
+    apart = main(argv + ["--isolate"])
+    assert apart["train"][0]["heads_mib"] == here["train"][0]["heads_mib"]
+    assert apart["train"][0]["atoms"] == here["train"][0]["atoms"]
+    assert apart["md"][0]["ours_mib"] == here["md"][0]["ours_mib"]
