@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--init", default=None,
                    help="fine-tune from these weights (\"0.3.0\" or a checkpoint) instead of "
                         "training the small architecture from scratch")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay [%(default)s]")
     p.add_argument("--ema-decay", type=float, default=None,
                    help="validate and test a moving average of the weights with this decay [off]")
     p.add_argument("--out", default="runs/accuracy")
@@ -72,10 +73,12 @@ def main() -> None:
         cfg = TrainConfig(**dataset_args(args.dataset), model=model, model_config=arch,
                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           prefactors=dict(zip("efsm", pref)), init=args.init, ema_decay=args.ema_decay,
+                          weight_decay=args.weight_decay,
                           limit=args.limit, seed=args.seed, device="cpu", progress=False,
                           plots=False, out=f"{args.out}/{args.dataset}-{model}-s{args.seed}-{args.stress_head}-"
                               f"p{args.prefactors.replace(',', '_')}"
-                              + (f"-ema{args.ema_decay:g}" if args.ema_decay else ""))
+                              + (f"-ema{args.ema_decay:g}" if args.ema_decay else "")
+                              + (f"-wd{args.weight_decay:g}" if args.weight_decay else ""))
         t0 = time.perf_counter()
         metrics = train(cfg)
         rows.append({"model": model, "wall_s": time.perf_counter() - t0, **metrics})
