@@ -580,6 +580,13 @@ def main_bench(device: str = "auto", repeats: int = 5, warmup: int = 1, quick: b
     return rows
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: ``MemoryError``, CUDA's out-of-memory error, or
+    the CPU allocator's "can't allocate memory" (under an address-space cap)."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
 def partial_saver(path: str | Path | None, env: dict, settings: dict,
                   t0: float) -> Callable[[list[dict]], None] | None:
     """An ``on_row`` callback that rewrites the record at ``path`` with the rows so far (marked

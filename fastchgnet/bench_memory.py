@@ -33,6 +33,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from fastchgnet.bench import is_out_of_memory
+
 __all__ = ["TensorMemoryTracker", "peak_tensor_mib", "train_memory", "md_memory", "largest_fit", "main"]
 
 MIB = 2**20
@@ -78,11 +80,6 @@ def peak_tensor_mib(fn: Callable[[], Any]) -> float:
     return tracker.peak / MIB
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or (
-        isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc)))
-
-
 def measure(fn: Callable[[], Any]) -> float | None:
     """:func:`peak_tensor_mib` after one untracked warm-up call; None when either call runs out
     of memory (under ``--memory-limit-gb`` an allocation fails instead of the process being
@@ -91,7 +88,7 @@ def measure(fn: Callable[[], Any]) -> float | None:
         fn()
         return peak_tensor_mib(fn)
     except (RuntimeError, MemoryError) as exc:
-        if not _out_of_memory(exc):
+        if not is_out_of_memory(exc):
             raise
         return None
     finally:
