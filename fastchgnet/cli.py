@@ -304,6 +304,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delta", type=float, default=0.1, help="Huber delta [%(default)s]")
     p.add_argument("--weights", default="2,1.5,0.1,0.1", metavar="E,F,S,M",
                    help="loss prefactors of energy, forces, stress, magmom [%(default)s]")
+    p.add_argument("--stage-two-start", type=int, default=None, metavar="EPOCHS",
+                   help="after this many epochs, switch to --stage-two-weights and --stage-two-lr "
+                        "(best.pt is then the best model of stage two) [off]")
+    p.add_argument("--stage-two-weights", default=None, metavar="E,F,S,M",
+                   help="loss prefactors of stage two [those of --weights]")
+    p.add_argument("--stage-two-lr", type=float, default=None,
+                   help="constant learning rate of stage two [the cosine schedule goes on]")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp64", "tf32"],
                    help="fp32 (default), fp64, or tf32 matmuls on CUDA")
     p.add_argument("--seed", type=int, default=0)
@@ -350,6 +357,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from fastchgnet.train.trainer import TrainConfig, train
 
     e, f, s, m = _floats_arg(args.weights, 4, "--weights")
+    two = (dict(zip("efsm", _floats_arg(args.stage_two_weights, 4, "--stage-two-weights")))
+           if args.stage_two_weights is not None else None)
     cfg = TrainConfig(
         data=args.data, format=args.format, val_data=args.val_data, test_data=args.test_data,
         split=tuple(_floats_arg(args.split, 3, "--split")), limit=args.limit, model=args.model,
@@ -357,8 +366,9 @@ def _run_train(args: argparse.Namespace) -> int:
         refit_atom_ref=args.refit_atomref, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, ema_decay=args.ema_decay, loss=args.loss, delta=args.delta,
-        prefactors={"e": e, "f": f, "s": s, "m": m}, precision=args.precision, seed=args.seed,
-        device=args.device, out=args.out, cache=args.cache, workers=args.workers,
+        prefactors={"e": e, "f": f, "s": s, "m": m}, stage_two_start=args.stage_two_start,
+        stage_two_prefactors=two, stage_two_lr=args.stage_two_lr, precision=args.precision,
+        seed=args.seed, device=args.device, out=args.out, cache=args.cache, workers=args.workers,
         cache_workers=args.cache_workers,
         skip_bad=args.skip_bad, checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress, plots=not args.no_plots, resume=args.resume,

@@ -59,6 +59,10 @@ def main() -> None:
     p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay [%(default)s]")
     p.add_argument("--ema-decay", type=float, default=None,
                    help="validate and test a moving average of the weights with this decay [off]")
+    p.add_argument("--stage-two-start", type=int, default=None,
+                   help="switch to --stage-two-prefactors / --stage-two-lr after this many epochs [off]")
+    p.add_argument("--stage-two-prefactors", default=None, help="loss prefactors e,f,s,m of stage two")
+    p.add_argument("--stage-two-lr", type=float, default=None, help="constant lr of stage two")
     p.add_argument("--out", default="runs/accuracy")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -67,18 +71,27 @@ def main() -> None:
     pref = [float(x) for x in args.prefactors.split(",")]
     if len(pref) != 4:
         p.error(f"--prefactors needs 4 numbers e,f,s,m, got {args.prefactors!r}")
+    two = None
+    if args.stage_two_prefactors is not None:
+        two = [float(x) for x in args.stage_two_prefactors.split(",")]
+        if len(two) != 4:
+            p.error(f"--stage-two-prefactors needs 4 numbers, got {args.stage_two_prefactors!r}")
+        two = dict(zip("efsm", two))
     rows = []
     for model in args.models.split(","):
         arch = {**ARCH, "stress_head": args.stress_head} if args.init is None else {}
         cfg = TrainConfig(**dataset_args(args.dataset), model=model, model_config=arch,
                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           prefactors=dict(zip("efsm", pref)), init=args.init, ema_decay=args.ema_decay,
-                          weight_decay=args.weight_decay,
+                          weight_decay=args.weight_decay, stage_two_start=args.stage_two_start,
+                          stage_two_prefactors=two, stage_two_lr=args.stage_two_lr,
                           limit=args.limit, seed=args.seed, device="cpu", progress=False,
                           plots=False, out=f"{args.out}/{args.dataset}-{model}-s{args.seed}-{args.stress_head}-"
                               f"p{args.prefactors.replace(',', '_')}"
                               + (f"-ema{args.ema_decay:g}" if args.ema_decay else "")
-                              + (f"-wd{args.weight_decay:g}" if args.weight_decay else ""))
+                              + (f"-wd{args.weight_decay:g}" if args.weight_decay else "")
+                              + (f"-two{args.stage_two_start}-p{args.stage_two_prefactors}-lr{args.stage_two_lr}"
+                                 .replace(",", "_") if args.stage_two_start is not None else ""))
         t0 = time.perf_counter()
         metrics = train(cfg)
         rows.append({"model": model, "wall_s": time.perf_counter() - t0, **metrics})

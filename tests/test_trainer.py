@@ -283,13 +283,16 @@ def test_cli_train_and_evaluate(tmp_path, xyz, capsys):
     out = tmp_path / "cli"
     args = ["train", "--data", str(xyz), "--epochs", "1", "--batch-size", "4", "--out", str(out),
             "--cache", str(tmp_path / "cache"), "--device", "cpu", "--no-progress", "--no-plots",
-            "--split", "0.8,0.1,0.1", "--ema-decay", "0.9"]
+            "--split", "0.8,0.1,0.1", "--ema-decay", "0.9", "--stage-two-start", "0",
+            "--stage-two-weights", "5,1,0.1,0.1", "--stage-two-lr", "1e-4"]
     # the CLI cannot set a tiny architecture; fine-tune the tiny model saved by the API instead
     train(_cfg(tmp_path / "api", xyz, epochs=1), log=lambda m: None)
     args += ["--init", str(tmp_path / "api" / "run" / "best.pt")]
     assert main(args) == 0
     assert (out / "test.json").is_file()
-    assert json.loads((out / "config.json").read_text())["ema_decay"] == 0.9
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["ema_decay"] == 0.9 and saved["stage_two_start"] == 0 and saved["stage_two_lr"] == 1e-4
+    assert saved["stage_two_prefactors"] == {"e": 5.0, "f": 1.0, "s": 0.1, "m": 0.1}
     assert main(["evaluate", str(out / "best.pt"), "--data", str(xyz), "--cache", str(tmp_path / "cache"),
                  "--device", "cpu", "--out", str(tmp_path / "ev")]) == 0
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["n_test"] == 20

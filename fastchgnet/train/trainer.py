@@ -107,6 +107,11 @@ class TrainConfig:
     loss: str = "huber"
     delta: float = 0.1
     prefactors: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PREFACTORS))
+    # stage two (as MACE's): after `stage_two_start` epochs, train with these prefactors (the ones
+    # not given keep their stage-one value) and, when set, the constant learning rate stage_two_lr
+    stage_two_start: int | None = None
+    stage_two_prefactors: dict[str, float] | None = None
+    stage_two_lr: float | None = None
     precision: str = "fp32"
     seed: int = 0
     device: str = "auto"
@@ -154,10 +159,34 @@ class TrainConfig:
         unknown = set(self.prefactors) - set(DEFAULT_PREFACTORS)
         if unknown:
             raise ValueError(f"unknown loss prefactors {sorted(unknown)}; use e, f, s, m")
+        if self.stage_two_start is None:
+            if self.stage_two_prefactors is not None or self.stage_two_lr is not None:
+                raise ValueError("stage_two_prefactors and stage_two_lr need stage_two_start (the "
+                                 "number of epochs before stage two)")
+        else:
+            if not 0 <= self.stage_two_start < self.epochs:
+                raise ValueError(f"stage_two_start must be in [0, epochs={self.epochs}), "
+                                 f"got {self.stage_two_start}")
+            unknown = set(self.stage_two_prefactors or {}) - set(DEFAULT_PREFACTORS)
+            if unknown:
+                raise ValueError(f"unknown stage-two loss prefactors {sorted(unknown)}; use e, f, s, m")
+            for k, w in (self.stage_two_prefactors or {}).items():
+                if not (math.isfinite(w) and w >= 0):
+                    raise ValueError(f"stage-two prefactor {k!r} must be finite and non-negative, "
+                                     f"got {w}")
+            if self.stage_two_lr is not None and not self.stage_two_lr > 0:
+                raise ValueError(f"stage_two_lr must be positive, got {self.stage_two_lr}")
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else default_lr(self.batch_size)
+
+    def stage_prefactors(self, epoch: int) -> dict[str, float]:
+        """The loss prefactors of the epoch after ``epoch`` completed ones."""
+        pref = {**DEFAULT_PREFACTORS, **self.prefactors}
+        if self.stage_two_start is not None and epoch >= self.stage_two_start:
+            pref.update(self.stage_two_prefactors or {})
+        return pref
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -515,8 +544,12 @@ class Trainer:
                                              fullgraph=self.ddp is None)
         self.steps_per_epoch = len(self.sampler)
         self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, total_steps=config.epochs * self.steps_per_epoch,
-                                        warmup_steps=config.warmup_steps, min_lr_ratio=config.min_lr_ratio)
+        two = config.stage_two_start is not None and config.stage_two_lr is not None
+        self.scheduler = make_scheduler(
+            self.optimizer, total_steps=config.epochs * self.steps_per_epoch,
+            warmup_steps=config.warmup_steps, min_lr_ratio=config.min_lr_ratio,
+            const_from=config.stage_two_start * self.steps_per_epoch if two else None,  # type: ignore[operator]
+            const_ratio=config.stage_two_lr / config.learning_rate if two else 1.0)  # type: ignore[operator]
         # averaged weights (after any freezing: frozen parameters are not averaged)
         self.ema = EMA(self.model, config.ema_decay) if config.ema_decay is not None else None
         self.epoch = 0  # completed epochs
@@ -657,6 +690,7 @@ class Trainer:
         with precision_context(self.cfg.precision, self.device):
             while self.epoch < self.cfg.epochs:
                 e = self.epoch
+                self._set_stage(e, starting=self.step_in_epoch == 0)
                 self.sampler.set_epoch(e)
                 start = self.step_in_epoch
                 self.sampler.skip(start)
@@ -703,6 +737,18 @@ class Trainer:
                 row = self._end_epoch()
                 rows.append(row)
         return rows
+
+    def _set_stage(self, epoch: int, starting: bool) -> None:
+        """Loss prefactors of the epoch after ``epoch`` completed ones. At the first step of stage
+        two the best validation loss is forgotten: it was measured with other prefactors, so
+        best.pt is the best model of stage two."""
+        self.loss_fn.prefactors.update(self.cfg.stage_prefactors(epoch))
+        if starting and epoch == self.cfg.stage_two_start:
+            self.best_val = math.inf
+            w = ", ".join(f"{k}={v:g}" for k, v in self.loss_fn.prefactors.items())
+            lr = (f", constant lr {self.cfg.stage_two_lr:.2e}" if self.cfg.stage_two_lr is not None
+                  else "")
+            self.log(f"stage two from epoch {epoch + 1}: prefactors {w}{lr}")
 
     def _end_epoch(self) -> dict[str, Any]:
         train_loss = float(self._sync_epoch_loss()) / max(self._epoch_count, 1)
