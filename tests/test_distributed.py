@@ -133,11 +133,13 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(setup):
 
 def test_two_ranks_train_the_heads_model_like_one_process(setup):
     """The heads model (forces and stress from output heads, first-order backward) under DDP,
-    with a moving average of the weights (the same on every rank)."""
-    ref = TrainConfig(**{**setup["base"], "epochs": 1, "model": "heads", "ema_decay": 0.9},
-                      out=str(setup["root"] / "heads1"))
+    with a moving average of the weights (the same on every rank) and a second stage with other
+    prefactors and learning rate."""
+    kw = dict(epochs=2, model="heads", ema_decay=0.9, stage_two_start=1, stage_two_prefactors={"e": 8.0},
+              stage_two_lr=2e-4)
+    ref = TrainConfig(**{**setup["base"], **kw}, out=str(setup["root"] / "heads1"))
     train(ref, log=lambda m: None)
-    out, res = _run_ranks(setup, "heads2", epochs=1, model="heads", ema_decay=0.9)
+    out, res = _run_ranks(setup, "heads2", **kw)
     assert [c for c, _ in res] == [0, 0], res
     for name in ("last.pt", "best.pt"):  # raw weights, averaged weights
         a, b = _params(Path(ref.out) / name), _params(out / name)
