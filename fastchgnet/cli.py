@@ -279,6 +279,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="0.9,0.05,0.05", help="train,val,test fractions [%(default)s]")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
     p.add_argument("--model", default="exact", help="model type [%(default)s]")
+    p.add_argument("--force-head", default=None, choices=["direct", "pair", "pair+direct"],
+                   help="force head of a new heads model (docs/models.md) [direct]")
+    p.add_argument("--stress-head", default=None, choices=["virial", "lattice"],
+                   help="stress head of a new heads model [virial]")
     p.add_argument("--init", default=None, metavar="WEIGHTS",
                    help="fine-tune from these weights: 0.3.0 or a checkpoint")
     p.add_argument("--freeze", default="", metavar="GROUPS",
@@ -359,7 +363,13 @@ def _run_train(args: argparse.Namespace) -> int:
     e, f, s, m = _floats_arg(args.weights, 4, "--weights")
     two = (dict(zip("efsm", _floats_arg(args.stage_two_weights, 4, "--stage-two-weights")))
            if args.stage_two_weights is not None else None)
+    arch = {k: v for k, v in (("force_head", args.force_head), ("stress_head", args.stress_head))
+            if v is not None}
+    if arch and args.model != "heads":
+        raise ValueError(f"--force-head and --stress-head are options of --model heads, not "
+                         f"{args.model!r}")
     cfg = TrainConfig(
+        model_config=arch,
         data=args.data, format=args.format, val_data=args.val_data, test_data=args.test_data,
         split=tuple(_floats_arg(args.split, 3, "--split")), limit=args.limit, model=args.model,
         init=args.init, freeze=tuple(x for x in args.freeze.split(",") if x),

@@ -51,6 +51,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--stress-head", default="virial", choices=["lattice", "virial"],
                    help="stress head of the heads model [%(default)s]")
+    p.add_argument("--force-head", default="direct", choices=["direct", "pair", "pair+direct"],
+                   help="force head of the heads model [%(default)s]")
     p.add_argument("--prefactors", default="2,1.5,0.1,0.1",
                    help="loss prefactors e,f,s,m of every model [%(default)s]")
     p.add_argument("--init", default=None,
@@ -79,7 +81,8 @@ def main() -> None:
         two = dict(zip("efsm", two))
     rows = []
     for model in args.models.split(","):
-        arch = {**ARCH, "stress_head": args.stress_head} if args.init is None else {}
+        arch = ({**ARCH, "stress_head": args.stress_head, "force_head": args.force_head}
+                if args.init is None else {})
         cfg = TrainConfig(**dataset_args(args.dataset), model=model, model_config=arch,
                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           prefactors=dict(zip("efsm", pref)), init=args.init, ema_decay=args.ema_decay,
@@ -87,6 +90,7 @@ def main() -> None:
                           stage_two_prefactors=two, stage_two_lr=args.stage_two_lr,
                           limit=args.limit, seed=args.seed, device="cpu", progress=False,
                           plots=False, out=f"{args.out}/{args.dataset}-{model}-s{args.seed}-{args.stress_head}-"
+                              f"{'' if args.force_head == 'direct' else args.force_head + '-'}"
                               f"p{args.prefactors.replace(',', '_')}"
                               + (f"-ema{args.ema_decay:g}" if args.ema_decay else "")
                               + (f"-wd{args.weight_decay:g}" if args.weight_decay else "")

@@ -48,9 +48,9 @@ def _batches(pool, n, seed=0, dtype=torch.float64):
     return out
 
 
-def _model(cls, seed=0):
+def _model(cls, seed=0, **kw):
     torch.manual_seed(seed)
-    return cls(**SMALL).double()
+    return cls(**SMALL, **kw).double()
 
 
 def _same_updates(step, comp_m, eager_m, eager_opt, loss_fn, batches, rtol):
@@ -110,9 +110,10 @@ def test_second_order_training_falls_back_to_eager_blocks(pool):
             torch.testing.assert_close(p.grad, q.grad, msg=n)
 
 
-def test_compiled_heads_step_equals_eager_and_does_not_recompile(pool):
+@pytest.mark.parametrize("force_head", ["direct", "pair+direct"])
+def test_compiled_heads_step_equals_eager_and_does_not_recompile(pool, force_head):
     batches = _batches(pool, 53, seed=1)
-    eager_m, comp_m = _model(HeadsCHGNet).train(), _model(HeadsCHGNet).train()
+    eager_m, comp_m = (_model(HeadsCHGNet, force_head=force_head).train() for _ in range(2))
     loss_fn = EFSMLoss()
     cc = CompileCounter("aot_eager")
     step = CompiledStep(comp_m, loss_fn, torch.optim.Adam(comp_m.parameters(), 1e-3), backend=cc)

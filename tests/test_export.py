@@ -23,7 +23,9 @@ from fastchgnet.model.heads import HeadsCHGNet
 
 from conftest import small_config
 
-MODELS = {"exact": fastchgnet.CHGNet, "decoupled": fastchgnet.DecoupledCHGNet, "heads": HeadsCHGNet}
+MODELS = {"exact": fastchgnet.CHGNet, "decoupled": fastchgnet.DecoupledCHGNet, "heads": HeadsCHGNet,
+          # the pair-energy force head adds to the energy: padding must not add to it
+          "heads-pair": lambda cfg: HeadsCHGNet(cfg, force_head="pair+direct")}
 
 
 def _model(kind: str, dtype=torch.float32):

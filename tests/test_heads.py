@@ -18,6 +18,7 @@ SMALL = dict(atom_fea_dim=16, bond_fea_dim=16, angle_fea_dim=16, num_radial=7, n
              atom_conv_hidden_dim=16, bond_conv_hidden_dim=16, mlp_hidden_dims=(16,), n_conv=3,
              head_hidden_dim=16)
 HEADS = ["lattice", "virial"]
+FORCE_HEADS = ["direct", "pair", "pair+direct"]
 
 
 def _model(seed=0, **kw):
@@ -59,9 +60,10 @@ def test_starts_from_exact_weights_only_heads_are_new():
     assert res.missing_keys and all(k.startswith(("force_head.", "stress_head.")) for k in res.missing_keys)
 
 
-def test_no_second_order_derivatives(monkeypatch):
+@pytest.mark.parametrize("force", ["direct", "pair+direct"])
+def test_no_second_order_derivatives(monkeypatch, force):
     """Neither the forward nor the training backward takes a gradient of the energy."""
-    m = _model().train()
+    m = _model(force_head=force).train()
 
     def forbidden(*a, **k):
         raise AssertionError("torch.autograd.grad called by the heads model")
@@ -73,16 +75,18 @@ def test_no_second_order_derivatives(monkeypatch):
     loss = out["e"].square().mean() + out["f"].square().mean() + out["s"].square().mean()
     loss.backward()
     grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
-    for name in ("force_head.pair.w_atom", "stress_head.pair.w_bond", "atom_convs.0.w_atom",
-                 "angle_updates.0.w_bond"):
+    names = ["force_head.pair.w_atom", "stress_head.pair.w_bond", "atom_convs.0.w_atom",
+             "angle_updates.0.w_bond"] + (["pair_energy.pair.w_atom"] if force != "direct" else [])
+    for name in names:
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
     with torch.no_grad():  # inference of every output without autograd
         assert m.eval()(batch, task="efsm")["f"].shape == batch.positions.shape
 
 
-@pytest.mark.parametrize("head", HEADS)
-def test_rotation_translation_permutation_and_symmetric_stress(head):
-    m = _model(stress_head=head)
+@pytest.mark.parametrize("head, force", [("lattice", "direct"), ("virial", "direct"), ("virial", "pair"),
+                                         ("lattice", "pair+direct")])
+def test_rotation_translation_permutation_and_symmetric_stress(head, force):
+    m = _model(stress_head=head, force_head=force)
     s = random_structures(1, seed=3, max_atoms=8)[0]
     rot, R, moved, ps, perm = transformed_copies(s)
     o, r, t, p = (_run(m, [x]) for x in (s, rot, moved, ps))
@@ -98,9 +102,10 @@ def test_rotation_translation_permutation_and_symmetric_stress(head):
     torch.testing.assert_close(o["s"][0], o["s"][0].T, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("head", HEADS)
-def test_batched_equals_unbatched(head):
-    m = _model(stress_head=head)
+@pytest.mark.parametrize("head, force", [("lattice", "direct"), ("virial", "direct"),
+                                         ("virial", "pair+direct")])
+def test_batched_equals_unbatched(head, force):
+    m = _model(stress_head=head, force_head=force)
     structs = random_structures(3, seed=9, max_atoms=8)
     full = _run(m, structs)
     start = 0
@@ -141,21 +146,59 @@ def test_virial_stress_does_not_depend_on_the_choice_of_cell():
     torch.testing.assert_close(a["f"], b["f"], rtol=1e-8, atol=1e-10)
 
 
-def test_forces_vanish_smoothly_at_the_cutoff():
+@pytest.mark.parametrize("force", ["direct", "pair"])
+def test_forces_vanish_smoothly_at_the_cutoff(force):
     """A neighbour leaving the 6 Å sphere changes the forces continuously (envelope)."""
-    m = _model(remove_net_force=False)
+    m = _model(remove_net_force=False, force_head=force)
 
     def force(d):
         lat = Lattice.cubic(20.0)  # isolated: only the pair and the third atom
         s = Structure(lat, ["Si", "Si", "O"], [[0, 0, 0], [2.3, 0, 0], [2.3 - d, 0.0, 0.0]],
                       coords_are_cartesian=True)
-        return _run(m, [s], task="ef")["f"][0]
+        return _run(m, [s], task="ef")["f"]
 
-    inside, outside = force(6.0 - 1e-4), force(6.0 + 1e-4)
-    assert (inside - outside).abs().max() < 1e-5
+    # across the cutoff the force changes as smoothly as inside: the second difference is tiny
+    # (a neighbour dropped without the envelope would jump by the size of its pair term)
+    deeper, inside, outside = force(6.0 - 3e-4), force(6.0 - 1e-4), force(6.0 + 1e-4)
+    assert (outside - 2 * inside + deeper).abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("bad", [dict(stress_head="sum"), dict(head_hidden_dim=0)])
+def test_pair_head_forces_and_virial_are_derivatives_of_its_energy():
+    """``force_head="pair"``: the forces are -d/dx and the stress the virial of the pair energy
+    with its coefficients held fixed; the pair energy is part of the energy (and of the site
+    energies)."""
+    from fastchgnet.model.exact import EV_A3_TO_GPA, cell_volume
+
+    m = _model(force_head="pair", remove_net_force=False)
+    batch = collate(build_graphs(random_structures(2, seed=6, max_atoms=8)), dtype=torch.float64)
+    out = m(batch, task="efs", return_site_energies=True)
+    with torch.no_grad():
+        feats = m._energy(batch, m.bond_vectors(batch), False, False, False, False, keep_features=True)
+    vec = m.bond_vectors(batch).requires_grad_(True)
+    phi, _ = m.pair_energy(feats["_atom"], feats["_bond"], torch.linalg.vector_norm(vec, dim=1), batch)
+    (grad,) = torch.autograd.grad(phi.sum(), vec)
+    f = torch.zeros_like(batch.positions).index_add(0, batch.bond_src, -grad).index_add(0, batch.bond_dst, grad)
+    assert f.abs().max() > 1e-3
+    torch.testing.assert_close(out["f"], f, rtol=1e-9, atol=1e-12)
+    vir = torch.zeros(2, 3, 3, dtype=torch.float64).index_add(
+        0, batch.bond_graph, vec.detach().unsqueeze(2) * grad.unsqueeze(1))
+    unit = vec.detach() / feats["_length"][:, None]
+    env = fastchgnet.nn.functional.envelope(feats["_length"] / 6.0, m.config.cutoff_coeff)
+    learnt = m.stress_head(feats["_atom"], batch, bond=feats["_bond"], unit=unit, length=feats["_length"],
+                           env=env)
+    torch.testing.assert_close(out["s"] - learnt, vir * (EV_A3_TO_GPA / cell_volume(batch.lattice))[:, None, None],
+                               rtol=1e-9, atol=1e-12)
+    n = batch.n_atoms.double()
+    backbone = feats["_total"] + torch.zeros(2, dtype=torch.float64).index_add(0, batch.bond_graph, phi.detach())
+    ref = m.atom_ref.index_select(0, batch.atomic_numbers - 1)
+    comp = torch.zeros(2, dtype=torch.float64).index_add(0, batch.atom_graph, ref)
+    torch.testing.assert_close(out["e"], (backbone + comp) / n, rtol=1e-10, atol=1e-12)
+    site = torch.zeros(2, dtype=torch.float64).index_add(0, batch.atom_graph, out["site_energies"])
+    torch.testing.assert_close(site, out["e"] * n, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("bad", [dict(stress_head="sum"), dict(head_hidden_dim=0), dict(force_head="sum"),
+                                 dict(pair_energy_basis=0)])
 def test_bad_head_options_are_named(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         HeadsCHGNet(**{**SMALL, **bad})
@@ -168,12 +211,14 @@ def test_heads_end_to_end_train_predict_evaluate_md(tmp_path):
     from fastchgnet.md import CHGNetCalculator
 
     out, cache = tmp_path / "run", str(tmp_path / "cache")
-    assert main(["train", "--model", "heads", "--limit", "20", "--epochs", "1", "--batch-size", "8",
-                 "--out", str(out), "--cache", cache, "--device", "cpu", "--no-progress",
-                 "--no-plots"]) == 0
+    # the pair-energy force head: its energy term goes through every tool as well
+    assert main(["train", "--model", "heads", "--force-head", "pair+direct", "--limit", "20", "--epochs", "1",
+                 "--batch-size", "8", "--out", str(out), "--cache", cache, "--device", "cpu",
+                 "--no-progress", "--no-plots"]) == 0
+    assert main(["train", "--model", "exact", "--force-head", "pair", "--out", str(tmp_path / "x")]) == 1
     ckpt = out / "best.pt"
     model = fastchgnet.load_model(ckpt)
-    assert isinstance(model, HeadsCHGNet)
+    assert isinstance(model, HeadsCHGNet) and model.config.force_head == "pair+direct"
     s = random_structures(1, seed=8, max_atoms=6)[0]
     cif = tmp_path / "s.cif"
     s.to(filename=str(cif))
@@ -186,6 +231,8 @@ def test_heads_end_to_end_train_predict_evaluate_md(tmp_path):
     atoms.calc = CHGNetCalculator(model=str(ckpt), device="cpu")
     f = atoms.get_forces()
     np.testing.assert_allclose(f, fastchgnet.predict(model, s)["f"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(atoms.get_potential_energy() / len(s), fastchgnet.predict(model, s)["e"],
+                               rtol=1e-5, atol=1e-5)
     assert atoms.get_stress().shape == (6,)
     assert main(["md", str(cif), "--model", str(ckpt), "--device", "cpu", "--ensemble", "nve",
                  "--steps", "4", "--loginterval", "2", "--out", str(tmp_path / "md")]) == 0

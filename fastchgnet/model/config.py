@@ -7,6 +7,7 @@ from typing import Any
 
 
 STRESS_HEADS = ("lattice", "virial")
+FORCE_HEADS = ("direct", "pair", "pair+direct")
 
 
 @dataclass
@@ -45,6 +46,10 @@ class CHGNetConfig:
     # Si and Mo, see docs/models.md) or "lattice" (FastCHGNet Eq. 9)
     stress_head: str = "virial"
     remove_net_force: bool = True  # subtract each structure's mean direct force
+    # "direct" (FastCHGNet Eq. 7), "pair" (forces of a learnt pair energy that is part of the
+    # energy, see model/heads.py) or "pair+direct" (their sum)
+    force_head: str = "direct"
+    pair_energy_basis: int = 8  # sine functions of the pair energy
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -61,6 +66,10 @@ class CHGNetConfig:
             raise ValueError(f"num_angular must be odd, got {self.num_angular}")
         if self.stress_head not in STRESS_HEADS:
             raise ValueError(f"stress_head={self.stress_head!r}: use one of {STRESS_HEADS}")
+        if self.force_head not in FORCE_HEADS:
+            raise ValueError(f"force_head={self.force_head!r}: use one of {FORCE_HEADS}")
+        if self.pair_energy_basis < 1:
+            raise ValueError(f"pair_energy_basis must be >= 1, got {self.pair_energy_basis}")
         if self.head_hidden_dim < 1:
             raise ValueError(f"head_hidden_dim must be >= 1, got {self.head_hidden_dim}")
         for name in ("gMLP_norm", "readout_norm"):

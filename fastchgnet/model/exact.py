@@ -141,11 +141,14 @@ class CHGNet(nn.Module):
             vec = self.bond_vectors(batch)
             if by_grad and not vec.requires_grad:
                 vec.requires_grad_(True)
+            keep = ((want_f or want_s) and not by_grad) or self.head_energy_terms
             out = self._energy(batch, vec, want_m, return_site_energies, return_crystal_feas,
-                               return_atom_feas, keep_features=(want_f or want_s) and not by_grad,
+                               return_atom_feas, keep_features=keep,
                                # compiled blocks cannot be differentiated twice: eager then
                                compiled_blocks=not (by_grad and create_graph))
             energy = out.pop("_total")  # (n_graphs,) eV, without the AtomRef part
+            if self.head_energy_terms:
+                energy = self.head_energy(batch, energy, out)
             if want_f or want_s:
                 self.forces_stress(batch, vec, energy, out, want_f, want_s, create_graph)
         for key in [k for k in out if k.startswith("_")]:
@@ -163,6 +166,12 @@ class CHGNet(nn.Module):
 
     #: forces and stress as derivatives of the energy (False: from output heads)
     forces_by_autograd = True
+    #: an output head adds to the energy (:meth:`head_energy`; the heads model's pair energy)
+    head_energy_terms = False
+
+    def head_energy(self, batch: Batch, energy: Tensor, out: dict[str, Tensor]) -> Tensor:
+        """``energy`` (n_graphs,) eV plus the output heads' share (none here)."""
+        return energy
 
     def forces_stress(self, batch: Batch, vec: Tensor, energy: Tensor, out: dict[str, Tensor],
                       want_f: bool, want_s: bool, create_graph: bool) -> None:

@@ -12,6 +12,11 @@ the final features directly, and a training step needs first-order gradients onl
   crosses the cutoff. ``s_ij != s_ji`` in general, so the direct forces of a structure need not
   sum to zero; with ``config.remove_net_force`` (default) each structure's mean force is
   subtracted (exact momentum conservation, as DFT forces).
+* **Pair-energy force head**, ``force_head="pair"`` or ``"pair+direct"`` (ours, not in the
+  paper): every bond gets coefficients ``c_b`` from the features and a pair energy
+  ``phi_b(r) = env(r/rc) sum_k c_bk sin(k pi r/rc)`` that is added to the energy. Its forces
+  ``-dphi/dr`` and its virial are written out with the coefficients held fixed (no gradient
+  taken), so the force labels train part of the energy. ``"pair+direct"`` adds the Eq. 7 forces.
 * **Stress head**, ``stress_head="lattice"`` (FastCHGNet Eq. 9): each atom gives 6 numbers
   ``MLP(v_i)``; their mean over the structure weights the 6 symmetric products of the
   normalised lattice vectors ``a_k / |a_k|``:
@@ -30,6 +35,7 @@ initialisation.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -50,9 +56,11 @@ class _PairMLP(nn.Module):
     first layer packed: one GEMM over the atoms (centre and neighbour parts), one over the bonds.
     ``symmetric=True`` feeds ``v_i + v_j`` instead, so both directions get the same value."""
 
-    def __init__(self, atom_dim: int, bond_dim: int, hidden: int, symmetric: bool = False) -> None:
+    def __init__(self, atom_dim: int, bond_dim: int, hidden: int, symmetric: bool = False,
+                 out_dim: int = 1) -> None:
         super().__init__()
         self.hidden = hidden
+        self.out_dim = out_dim
         self.symmetric = symmetric
         n_atom_parts = 1 if symmetric else 2
         fan_in = n_atom_parts * atom_dim + bond_dim
@@ -62,14 +70,15 @@ class _PairMLP(nn.Module):
         for p in (self.w_atom, self.w_bond):
             nn.init.uniform_(p, -fan_in ** -0.5, fan_in ** -0.5)
         self.hidden2 = nn.Linear(hidden, hidden)
-        self.out = nn.Linear(hidden, 1)
+        self.out = nn.Linear(hidden, out_dim)
 
     def _tail(self, pre: Tensor) -> Tensor:
-        return self.out(F.silu(self.hidden2(F.silu(pre)))).squeeze(-1)
+        y = self.out(F.silu(self.hidden2(F.silu(pre))))
+        return y.squeeze(-1) if self.out_dim == 1 else y
 
     def forward(self, atom: Tensor, bond: Tensor, src: Tensor, dst: Tensor) -> Tensor:
         """(n_bonds,) scalars if symmetric, else (2, n_bonds): row 0 for ``src -> dst`` (centre
-        ``src``), row 1 for ``dst -> src``."""
+        ``src``), row 1 for ``dst -> src``; with ``out_dim > 1`` a last axis of that size."""
         q = torch.addmm(self.bias, bond, self.w_bond.t())  # (n_bonds, h)
         p = atom @ self.w_atom.t()
         if self.symmetric:
@@ -94,6 +103,47 @@ class ForceHead(nn.Module):
         f = torch.zeros_like(batch.positions)
         f = f.index_add(0, batch.bond_src, -s[0, :, None] * unit)
         return f.index_add(0, batch.bond_dst, s[1, :, None] * unit)
+
+
+def envelope_derivative(x: Tensor, p: int) -> Tensor:
+    """d/dx of :func:`~fastchgnet.nn.functional.envelope` (zero for ``x >= 1``)."""
+    a = -(p + 1) * (p + 2) / 2
+    b = float(p * (p + 2))
+    c = -p * (p + 1) / 2
+    val = x.pow(p - 1) * (p * a + x * ((p + 1) * b + (p + 2) * c * x))
+    return torch.where(x < 1, val, torch.zeros_like(x))
+
+
+class PairEnergyHead(nn.Module):
+    """A learnt pair energy whose partial derivative gives forces and a virial, without autograd.
+
+    Every undirected bond of the atom graph gets ``K`` coefficients ``c_b`` (the mean of
+    ``MLP([v_i, e_ij, v_j])`` over both directions) and the energy
+    ``phi_b(r) = env(r/rc) sum_k c_bk sin(k pi r/rc)``. The structure's energy gains
+    ``sum_b phi_b(r_b)``; the forces gain ``-d/dx`` of it and the stress its virial, both with
+    the coefficients held fixed (``dphi/dr`` is written out, so no gradient is taken). The force
+    labels therefore train coefficients that also make up part of the energy.
+    """
+
+    def __init__(self, atom_dim: int, bond_dim: int, hidden: int, n_basis: int, cutoff: float,
+                 p: int) -> None:
+        super().__init__()
+        self.pair = _PairMLP(atom_dim, bond_dim, hidden, out_dim=n_basis)
+        self.cutoff, self.p = float(cutoff), int(p)
+        self.register_buffer("freq", torch.arange(1, n_basis + 1) * math.pi, persistent=False)
+
+    def forward(self, atom: Tensor, bond: Tensor, length: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Per-bond ``phi`` and ``dphi/dr`` (n_bonds,) each."""
+        coef = self.pair(atom, bond, batch.bond_src, batch.bond_dst).mean(0)  # (n_bonds, K)
+        x = (length / self.cutoff)[:, None]
+        w = self.freq.to(x.dtype) * x
+        sin, cos = torch.sin(w), torch.cos(w)
+        env, denv = envelope(x, self.p), envelope_derivative(x, self.p)
+        g = (coef * sin).sum(1, keepdim=True)
+        phi = (env * g).squeeze(1)
+        dphi = ((denv * g + env * (coef * cos * self.freq.to(x.dtype)).sum(1, keepdim=True))
+                / self.cutoff).squeeze(1)
+        return phi, dphi
 
 
 # index pairs (k, l) of the 6 symmetric lattice-vector products
@@ -152,21 +202,47 @@ class HeadsCHGNet(DecoupledCHGNet):
         super().__init__(config, **overrides)
         c = self.config
         A, B, H = c.atom_fea_dim, c.bond_fea_dim, c.head_hidden_dim
-        self.force_head = ForceHead(A, B, H)
+        self.force_head = ForceHead(A, B, H) if c.force_head != "pair" else None
+        self.pair_energy = (PairEnergyHead(A, B, H, c.pair_energy_basis, c.atom_graph_cutoff,
+                                           c.cutoff_coeff) if c.force_head != "direct" else None)
+        self.head_energy_terms = self.pair_energy is not None
         self.stress_head: nn.Module = (LatticeStressHead(A, H) if c.stress_head == "lattice"
                                        else VirialStressHead(A, B, H))
+
+    def head_energy(self, batch: Batch, energy: Tensor, out: dict[str, Tensor]) -> Tensor:
+        """The backbone's energy plus the pair energy (``force_head`` "pair" or "pair+direct")."""
+        if self.pair_energy is None:
+            return energy
+        phi, dphi = self.pair_energy(out["_atom"], out["_bond"], out["_length"], batch)
+        out["_dphi"] = dphi
+        if "site_energies" in out:  # half of each bond's energy to each of its atoms
+            half = 0.5 * phi
+            out["site_energies"] = out["site_energies"].index_add(0, batch.bond_src, half).index_add(
+                0, batch.bond_dst, half)
+        return energy + phi.new_zeros(batch.num_graphs).index_add(0, batch.bond_graph, phi)
 
     def forces_stress(self, batch: Batch, vec: Tensor, energy: Tensor, out: dict[str, Tensor],
                       want_f: bool, want_s: bool, create_graph: bool) -> None:
         c = self.config
         atom, bond, length, unit = out["_atom"], out["_bond"], out["_length"], out["_unit"]
         env = envelope(length / c.atom_graph_cutoff, c.cutoff_coeff)
+        dphi = out.get("_dphi")
         if want_f:
-            f = self.force_head(atom, bond, unit, env, batch)
+            f = (self.force_head(atom, bond, unit, env, batch) if self.force_head is not None
+                 else torch.zeros_like(batch.positions))
+            if dphi is not None:
+                # -d/dx of sum_b phi_b(r_b): ``unit`` points from dst to src
+                pf = dphi[:, None] * unit
+                f = f.index_add(0, batch.bond_src, -pf).index_add(0, batch.bond_dst, pf)
             if c.remove_net_force:
                 n = batch.n_atoms.to(f.dtype)
                 net = f.new_zeros(batch.num_graphs, 3).index_add(0, batch.atom_graph, f) / n[:, None]
                 f = f - net.index_select(0, batch.atom_graph)
             out["f"] = f
         if want_s:
-            out["s"] = self.stress_head(atom, batch, bond=bond, unit=unit, length=length, env=env)
+            s = self.stress_head(atom, batch, bond=bond, unit=unit, length=length, env=env)
+            if dphi is not None:  # the pair energy's virial, as the exact model's
+                vir = (dphi * length)[:, None, None] * unit.unsqueeze(2) * unit.unsqueeze(1)
+                pv = vir.new_zeros(batch.num_graphs, 3, 3).index_add(0, batch.bond_graph, vir)
+                s = s + pv * (EV_A3_TO_GPA / cell_volume(batch.lattice))[:, None, None]
+            out["s"] = s
