@@ -347,7 +347,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_train)
 
 
-def _floats_arg(text: str, n: int, what: str) -> list[float]:
+def floats_arg(text: str, n: int, what: str) -> list[float]:
     try:
         vals = [float(x) for x in text.split(",")]
     except ValueError:
@@ -360,8 +360,8 @@ def _floats_arg(text: str, n: int, what: str) -> list[float]:
 def _run_train(args: argparse.Namespace) -> int:
     from fastchgnet.train.trainer import TrainConfig, train
 
-    e, f, s, m = _floats_arg(args.weights, 4, "--weights")
-    two = (dict(zip("efsm", _floats_arg(args.stage_two_weights, 4, "--stage-two-weights")))
+    e, f, s, m = floats_arg(args.weights, 4, "--weights")
+    two = (dict(zip("efsm", floats_arg(args.stage_two_weights, 4, "--stage-two-weights")))
            if args.stage_two_weights is not None else None)
     arch = {k: v for k, v in (("force_head", args.force_head), ("stress_head", args.stress_head))
             if v is not None}
@@ -371,7 +371,7 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         model_config=arch,
         data=args.data, format=args.format, val_data=args.val_data, test_data=args.test_data,
-        split=tuple(_floats_arg(args.split, 3, "--split")), limit=args.limit, model=args.model,
+        split=tuple(floats_arg(args.split, 3, "--split")), limit=args.limit, model=args.model,
         init=args.init, freeze=tuple(x for x in args.freeze.split(",") if x),
         refit_atom_ref=args.refit_atomref, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fastchgnet.bench import environment
+from fastchgnet.cli import floats_arg
 from fastchgnet.train import TrainConfig, train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mlearn"
@@ -70,22 +71,22 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    pref = [float(x) for x in args.prefactors.split(",")]
-    if len(pref) != 4:
-        p.error(f"--prefactors needs 4 numbers e,f,s,m, got {args.prefactors!r}")
-    two = None
-    if args.stage_two_prefactors is not None:
-        two = [float(x) for x in args.stage_two_prefactors.split(",")]
-        if len(two) != 4:
-            p.error(f"--stage-two-prefactors needs 4 numbers, got {args.stage_two_prefactors!r}")
-        two = dict(zip("efsm", two))
+
+    def efsm(text: str, option: str) -> dict[str, float]:
+        try:
+            return dict(zip("efsm", floats_arg(text, 4, option)))
+        except ValueError as exc:
+            p.error(str(exc))
+
+    pref = efsm(args.prefactors, "--prefactors")
+    two = efsm(args.stage_two_prefactors, "--stage-two-prefactors") if args.stage_two_prefactors else None
     rows = []
     for model in args.models.split(","):
         arch = ({**ARCH, "stress_head": args.stress_head, "force_head": args.force_head}
                 if args.init is None else {})
         cfg = TrainConfig(**dataset_args(args.dataset), model=model, model_config=arch,
                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          prefactors=dict(zip("efsm", pref)), init=args.init, ema_decay=args.ema_decay,
+                          prefactors=pref, init=args.init, ema_decay=args.ema_decay,
                           weight_decay=args.weight_decay, stage_two_start=args.stage_two_start,
                           stage_two_prefactors=two, stage_two_lr=args.stage_two_lr,
                           limit=args.limit, seed=args.seed, device="cpu", progress=False,

@@ -46,7 +46,7 @@ from fastchgnet.data.batch import Batch
 from fastchgnet.model.config import CHGNetConfig
 from fastchgnet.model.decoupled import DecoupledCHGNet
 from fastchgnet.model.exact import EV_A3_TO_GPA, cell_volume
-from fastchgnet.nn.functional import envelope
+from fastchgnet.nn.functional import envelope, envelope_derivative
 
 __all__ = ["ForceHead", "HeadsCHGNet", "LatticeStressHead", "VirialStressHead"]
 
@@ -105,15 +105,6 @@ class ForceHead(nn.Module):
         return f.index_add(0, batch.bond_dst, s[1, :, None] * unit)
 
 
-def envelope_derivative(x: Tensor, p: int) -> Tensor:
-    """d/dx of :func:`~fastchgnet.nn.functional.envelope` (zero for ``x >= 1``)."""
-    a = -(p + 1) * (p + 2) / 2
-    b = float(p * (p + 2))
-    c = -p * (p + 1) / 2
-    val = x.pow(p - 1) * (p * a + x * ((p + 1) * b + (p + 2) * c * x))
-    return torch.where(x < 1, val, torch.zeros_like(x))
-
-
 class PairEnergyHead(nn.Module):
     """A learnt pair energy whose partial derivative gives forces and a virial, without autograd.
 
@@ -136,13 +127,13 @@ class PairEnergyHead(nn.Module):
         """Per-bond ``phi`` and ``dphi/dr`` (n_bonds,) each."""
         coef = self.pair(atom, bond, batch.bond_src, batch.bond_dst).mean(0)  # (n_bonds, K)
         x = (length / self.cutoff)[:, None]
-        w = self.freq.to(x.dtype) * x
-        sin, cos = torch.sin(w), torch.cos(w)
+        freq = self.freq.to(x.dtype)
+        w = freq * x
         env, denv = envelope(x, self.p), envelope_derivative(x, self.p)
-        g = (coef * sin).sum(1, keepdim=True)
+        g = (coef * torch.sin(w)).sum(1, keepdim=True)
+        dg = (coef * torch.cos(w) * freq).sum(1, keepdim=True)  # d g / dx
         phi = (env * g).squeeze(1)
-        dphi = ((denv * g + env * (coef * cos * self.freq.to(x.dtype)).sum(1, keepdim=True))
-                / self.cutoff).squeeze(1)
+        dphi = ((denv * g + env * dg) / self.cutoff).squeeze(1)
         return phi, dphi
 
 
@@ -205,14 +196,15 @@ class HeadsCHGNet(DecoupledCHGNet):
         self.force_head = ForceHead(A, B, H) if c.force_head != "pair" else None
         self.pair_energy = (PairEnergyHead(A, B, H, c.pair_energy_basis, c.atom_graph_cutoff,
                                            c.cutoff_coeff) if c.force_head != "direct" else None)
-        self.head_energy_terms = self.pair_energy is not None
         self.stress_head: nn.Module = (LatticeStressHead(A, H) if c.stress_head == "lattice"
                                        else VirialStressHead(A, B, H))
 
+    @property
+    def head_energy_terms(self) -> bool:  # type: ignore[override]
+        return self.pair_energy is not None
+
     def head_energy(self, batch: Batch, energy: Tensor, out: dict[str, Tensor]) -> Tensor:
         """The backbone's energy plus the pair energy (``force_head`` "pair" or "pair+direct")."""
-        if self.pair_energy is None:
-            return energy
         phi, dphi = self.pair_energy(out["_atom"], out["_bond"], out["_length"], batch)
         out["_dphi"] = dphi
         if "site_energies" in out:  # half of each bond's energy to each of its atoms

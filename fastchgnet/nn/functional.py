@@ -13,16 +13,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _envelope_coefficients(p: int) -> tuple[float, float, float]:
+    return -(p + 1) * (p + 2) / 2, float(p * (p + 2)), -p * (p + 1) / 2
+
+
 def envelope(x: Tensor, p: int) -> Tensor:
     """Polynomial cutoff envelope at scaled distance ``x = r / rc``; zero for ``x >= 1``.
 
     ``1 + a x^p + b x^(p+1) + c x^(p+2)`` evaluated factored as ``1 + x^p (a + x (b + c x))``
     (FastCHGNet Eq. 13), with ``a = -(p+1)(p+2)/2, b = p(p+2), c = -p(p+1)/2``.
     """
-    a = -(p + 1) * (p + 2) / 2
-    b = float(p * (p + 2))
-    c = -p * (p + 1) / 2
+    a, b, c = _envelope_coefficients(p)
     val = 1 + x.pow(p) * (a + x * (b + c * x))
+    return torch.where(x < 1, val, torch.zeros_like(x))
+
+
+def envelope_derivative(x: Tensor, p: int) -> Tensor:
+    """d/dx of :func:`envelope`: ``x^(p-1) (p a + x ((p+1) b + (p+2) c x))``; zero for ``x >= 1``."""
+    a, b, c = _envelope_coefficients(p)
+    val = x.pow(p - 1) * (p * a + x * ((p + 1) * b + (p + 2) * c * x))
     return torch.where(x < 1, val, torch.zeros_like(x))
 
 
