@@ -12,6 +12,7 @@ import pytest
 from pymatgen.core import Lattice, Structure
 
 from fastchgnet.data import readers
+from fastchgnet.data.readers import mptrj as mptrj_module
 from fastchgnet.data.readers import (
     EV_PER_A3_TO_GPA,
     Sample,
@@ -152,13 +153,13 @@ def test_mptrj_streams(tmp_path, monkeypatch):
     size = len(path.read_text(encoding="utf-8"))
     entry_size = size / 60
     recs: list[_Recorder] = []
-    real_open = readers._open_text
+    real_open = mptrj_module._open_text  # read_mptrj looks it up in its own module
 
     def recording_open(p):
         recs.append(_Recorder(real_open(p)))
         return recs[-1]
 
-    monkeypatch.setattr(readers, "_open_text", recording_open)
+    monkeypatch.setattr(mptrj_module, "_open_text", recording_open)
     chunk = 256
     it = read_mptrj(path, chunk_size=chunk)
     first = next(it)
@@ -180,13 +181,13 @@ def test_mptrj_large_entry_geometric_growth(tmp_path, monkeypatch):
     path = write_json(tmp_path / "one.json", {"mp-1": frames})
     size = len(path.read_text(encoding="utf-8"))
     calls = []
-    real = readers.json.JSONDecoder.raw_decode
+    real = json.JSONDecoder.raw_decode
 
     def counting(self, s, idx=0):
         calls.append(idx)
         return real(self, s, idx)
 
-    monkeypatch.setattr(readers.json.JSONDecoder, "raw_decode", counting)
+    monkeypatch.setattr(json.JSONDecoder, "raw_decode", counting)
     samples = list(read_mptrj(path, chunk_size=16))
     assert len(samples) == 40
     # with a fixed 16-char step it would take size / 16 (> 1000) attempts
@@ -218,8 +219,9 @@ def test_invalid_json_found_without_reading_whole_file(tmp_path, monkeypatch):
     path = tmp_path / "syntax.json"
     path.write_text(text)
     recs = []
-    real_open = readers._open_text
-    monkeypatch.setattr(readers, "_open_text", lambda p: recs.append(_Recorder(real_open(p))) or recs[-1])
+    real_open = mptrj_module._open_text  # read_mptrj looks it up in its own module
+    monkeypatch.setattr(mptrj_module, "_open_text",
+                        lambda p: recs.append(_Recorder(real_open(p))) or recs[-1])
     it = read_mptrj(path, chunk_size=512)
     assert next(it).id == "syntax.json:mp-0/f"
     with pytest.raises(ValueError, match="invalid JSON"):

@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from fastchgnet.data.readers import BadEntry, Sample, _guarded, make_sample
+from fastchgnet.data.readers.common import BadEntry, Sample, _guarded, make_sample
 
 FILE_NAME = "builtin_dataset.npz"
 ARRAYS = ("atomic_numbers", "positions", "lattice", "atom_ptr", "energy_per_atom", "forces",

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import shutil
 import tempfile
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -176,9 +178,6 @@ def build_cache(
     n_shards = 0
     todo = []
     if workers > 1:
-        import multiprocessing as mp
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
         # at most 2 shards per worker in flight: memory stays bounded for a streamed source
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
             for job in jobs():
