@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from fastchgnet.kernels import interpreting
+from fastchgnet.kernels._env import interpreting
 
 # triton_op needs torch >= 2.6 and real (compiled) Triton
 USE_TRITON_OP = hasattr(torch.library, "triton_op") and not interpreting()

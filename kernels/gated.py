@@ -16,8 +16,10 @@ derivatives). Layout follows Liger-Kernel's SwiGLU / LayerNorm kernels:
 Registration (:mod:`fastchgnet.kernels._registry`): ops ``fastchgnet::gated_epilogue`` and
 ``fastchgnet::gated_epilogue_backward``, both with fake implementations. The forward op's autograd
 formula calls the backward op; the backward op's autograd formula is written with differentiable
-plain-torch ops (the reference's vector-Jacobian product, differentiated once more), so double
-backward (forces in a training loss) and higher orders work.
+plain-torch ops (the vector-Jacobian product of the reference, differentiated once more), so
+double backward (forces in a training loss) and higher orders work. The plain-torch math is the
+package's own copy of the reference, :func:`fastchgnet.kernels._torch_math.gated_epilogue`: the
+kernels import nothing from :mod:`fastchgnet.nn`.
 
 Optional weight: custom ops need a fixed signature, so "no weight" is passed as an **empty 1-D
 sentinel tensor** (``core.new_empty(0)``; a real weight is always 2-D (m, d)). One op pair serves
@@ -35,9 +37,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastchgnet.kernels import interpreting
+from fastchgnet.kernels._env import interpreting
 from fastchgnet.kernels._registry import kernel_op, launch
-from fastchgnet.nn import functional as _ref
+from fastchgnet.kernels._torch_math import gated_epilogue as _torch_gated_epilogue
 
 __all__ = ["gated_epilogue"]
 
@@ -329,10 +331,11 @@ def _bwd_setup(ctx, inputs, output):
 def _bwd_backward(ctx, gg_core, gg_gate, gg_par, gg_weight):
     """Derivative of the backward op, from the reference's vector-Jacobian product in plain torch.
 
-    The backward op is ``v -> vjp(ref, inputs)(v)``; its own VJP against the incoming ``gg_*`` is
-    obtained by differentiating that VJP once more. With ``create_graph`` (grad mode on here) the
-    result stays differentiable (third and higher orders); inputs that require grad enter through
-    a ``view_as`` so that each input slot gets only its own path even if two inputs alias.
+    The backward op is ``v -> vjp(ref, inputs)(v)`` (``ref``: ``_torch_math.gated_epilogue``);
+    its own VJP against the incoming ``gg_*`` is obtained by differentiating that VJP once more.
+    With ``create_graph`` (grad mode on here) the result stays differentiable (third and higher
+    orders); inputs that require grad enter through a ``view_as`` so that each input slot gets
+    only its own path even if two inputs alias.
     """
     saved = ctx.saved_tensors
     has_weight = saved[7].dim() == 2
@@ -347,8 +350,8 @@ def _bwd_backward(ctx, gg_core, gg_gate, gg_par, gg_weight):
         xs = [t.view_as(t) if (create and t.requires_grad) else t.detach().requires_grad_()
               for t in tensors]
         go, core, gate, w_core, b_core, w_gate, b_gate = xs[:7]
-        out = _ref.gated_epilogue(core, gate, w_core, b_core, w_gate, b_gate, ctx.eps,
-                                  xs[7] if has_weight else None)
+        out = _torch_gated_epilogue(core, gate, w_core, b_core, w_gate, b_gate, ctx.eps,
+                                    xs[7] if has_weight else None)
         firsts = torch.autograd.grad(out, xs[1:], go, create_graph=True, allow_unused=True)
         pairs = [(f, g) for f, g in zip(firsts, ggs)
                  if f is not None and g is not None and f.requires_grad]
@@ -377,7 +380,8 @@ def gated_epilogue(core: Tensor, gate: Tensor, w_core: Optional[Tensor], b_core:
 
     Runs the kernel for float32/float64 with all four LayerNorm parameters given and
     ``d <= 256``; anything else (no LayerNorm, other dtypes, mixed dtypes/devices, wider rows) goes
-    to the plain-torch reference. ``core``/``gate`` may have leading dims (flattened to rows).
+    to plain torch (``_torch_math.gated_epilogue``, the reference's math). ``core``/``gate`` may
+    have leading dims (flattened to rows).
     """
     params = (w_core, b_core, w_gate, b_gate)
     d = core.shape[-1] if core.dim() else 0
@@ -390,7 +394,7 @@ def gated_epilogue(core: Tensor, gate: Tensor, w_core: Optional[Tensor], b_core:
         and all(p.shape == (d,) for p in params)
     )
     if not supported:
-        return _ref.gated_epilogue(core, gate, w_core, b_core, w_gate, b_gate, eps, weight)
+        return _torch_gated_epilogue(core, gate, w_core, b_core, w_gate, b_gate, eps, weight)
     shape = core.shape
     core2, gate2 = core.reshape(-1, d), gate.reshape(-1, d)
     n = core2.shape[0]

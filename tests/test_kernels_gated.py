@@ -140,6 +140,19 @@ def test_fallbacks(device):
         kg.gated_epilogue(core, gate, *params, 1e-5, torch.cat([weight, weight[:1]]))
 
 
+@pytest.mark.parametrize("m", [None, 6, 3])
+@pytest.mark.parametrize("norm", [True, False])
+def test_private_torch_math_is_the_reference(m, norm):
+    """The kernels' own plain-torch copy (fallback and double backward; kernels/ cannot import
+    fastchgnet.nn) computes exactly what the reference computes."""
+    from fastchgnet.kernels._torch_math import gated_epilogue as copy
+
+    core, gate, params, weight = make_inputs(6, 8, m, torch.float64, "cpu", seed=4)
+    params = params if norm else [None] * 4
+    assert torch.equal(copy(core, gate, *params, 1e-5, weight),
+                       ref.gated_epilogue(core, gate, *params, 1e-5, weight))
+
+
 # ------------------------------------------------------------------------------------------------
 # gradcheck, second order
 

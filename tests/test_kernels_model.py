@@ -6,6 +6,11 @@ same tests also run on CUDA with compiled kernels.
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -137,6 +142,42 @@ def test_kernel_ops_are_registered():
     for name in ("radial_bases", "angle_basis", "gated_epilogue"):
         assert hasattr(torch.ops.fastchgnet, name), name
         assert hasattr(torch.ops.fastchgnet, f"{name}_backward"), name
+
+
+def test_kernels_package_layering():
+    """kernels/ imports nothing from fastchgnet.nn (nn.fused dispatches, nn.functional holds the
+    references), and no kernels submodule imports the package ``fastchgnet.kernels`` itself."""
+    root = Path(kernels.__file__).resolve().parent
+    found = []
+    for path in sorted(root.glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):  # imports inside functions count too
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] if not node.level else ["<relative>"]
+            else:
+                continue
+            for name in names:
+                if name == "<relative>":
+                    found.append(f"{path.name}:{node.lineno}: relative import")
+                elif name == "fastchgnet.nn" or name.startswith("fastchgnet.nn."):
+                    found.append(f"{path.name}:{node.lineno}: imports {name}")
+                elif path.name != "__init__.py" and name == "fastchgnet.kernels":
+                    found.append(f"{path.name}:{node.lineno}: imports the package")
+    assert not found, found
+    for old in ("radial_bases", "angle_basis", "gated_epilogue"):  # dispatchers: nn.fused
+        assert old not in kernels.__all__
+
+
+def test_dispatch_imports_no_triton():
+    """Importing the dispatch point and the policy imports neither Triton nor a kernel module."""
+    code = ("import sys, fastchgnet.kernels, fastchgnet.nn.fused, fastchgnet.nn.layers, "
+            "fastchgnet.nn.basis; print(sorted(m for m in sys.modules if m == 'triton' or "
+            "m.startswith(('triton.', 'fastchgnet.kernels.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.split() == ["['fastchgnet.kernels._env']"], out.stdout
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -15,7 +15,9 @@ from fastchgnet.data.prototypes import make
 
 PKG = Path(fastchgnet.__file__).resolve().parent
 KERNELS = Path(fastchgnet.kernels.__file__).resolve().parent
-FORWARD_SOURCES = [PKG / "model" / "exact.py", *sorted((PKG / "nn").glob("*.py")),
+FORWARD_SOURCES = [*(PKG / "model" / f for f in ("exact.py", "backbone.py", "blocks.py", "outputs.py",
+                                                  "heads.py", "decoupled.py")),
+                   *sorted((PKG / "nn").glob("*.py")),
                    *sorted(KERNELS.glob("*.py"))]
 SYNC_METHODS = {"item", "tolist", "cpu", "numpy"}
 

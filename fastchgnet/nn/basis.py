@@ -1,7 +1,8 @@
 """Radial and angular bases of CHGNet as modules holding the learnable frequencies.
 
-The mathematics lives in :mod:`fastchgnet.nn.functional` (the plain-torch reference) and the
-fused Triton kernels are chosen by :mod:`fastchgnet.kernels`.
+The mathematics lives in :mod:`fastchgnet.nn.functional` (the plain-torch reference);
+:mod:`fastchgnet.nn.fused` chooses per call between it and the Triton kernel of
+:mod:`fastchgnet.kernels`.
 
 * Smooth radial Bessel basis: ``sqrt(2/rc) * sin(w_k r / rc) / r * envelope(r / rc)`` with learnable
   frequencies ``w_k`` (initialised at ``k * pi``), for the 6 Å and the 3 Å cutoffs.
@@ -19,8 +20,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-import fastchgnet.kernels as kernels
 from fastchgnet.nn import functional as F
+from fastchgnet.nn import fused
 
 
 class RadialBessel(nn.Module):
@@ -61,4 +62,4 @@ class FourierAngle(nn.Module):
 
     def forward(self, unit: Tensor, b1: Tensor, b2: Tensor, sign: Tensor) -> Tensor:
         """Basis of the angles between legs ``b1`` and ``b2`` of the unit bond vectors ``unit``."""
-        return kernels.angle_basis(unit, b1, b2, sign, self.frequencies)
+        return fused.angle_basis(unit, b1, b2, sign, self.frequencies)

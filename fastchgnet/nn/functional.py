@@ -1,7 +1,9 @@
 """Plain-torch reference implementations of the fused paths (the Triton kernels' contracts).
 
-Each function here is the reference and the fallback of one kernel in ``fastchgnet.kernels``;
-both must agree in value and in every first and second derivative.
+Each of :func:`radial_bases`, :func:`angle_basis` and :func:`gated_epilogue` is the reference of
+one Triton kernel in :mod:`fastchgnet.kernels` (``kernels/``); both must agree in value and in
+every first and second derivative. :mod:`fastchgnet.nn.fused` chooses per call between the two;
+model code calls it rather than this module or the kernels.
 """
 
 from __future__ import annotations

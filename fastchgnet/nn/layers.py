@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import fastchgnet.kernels as kernels
+from fastchgnet.nn import fused
 
 
 class GatedTail(nn.Module):
@@ -55,8 +55,9 @@ class GatedTail(nn.Module):
             core, gate = pre.split(w, dim=1)
         nc, ng = self.norm_core, self.norm_gate
         if nc is None:
-            return kernels.gated_epilogue(core, gate, None, None, None, None, 1e-5, weight)
-        return kernels.gated_epilogue(core, gate, nc.weight, nc.bias, ng.weight, ng.bias, nc.eps, weight)
+            return fused.gated_epilogue(core, gate, None, None, None, None, 1e-5, weight)
+        return fused.gated_epilogue(core, gate, nc.weight, nc.bias, ng.weight, ng.bias, nc.eps,
+                                    weight)
 
 
 class AtomConv(nn.Module):
