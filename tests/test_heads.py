@@ -167,29 +167,30 @@ def test_pair_head_forces_and_virial_are_derivatives_of_its_energy():
     """``force_head="pair"``: the forces are -d/dx and the stress the virial of the pair energy
     with its coefficients held fixed; the pair energy is part of the energy (and of the site
     energies)."""
-    from fastchgnet.model.exact import EV_A3_TO_GPA, cell_volume
+    from fastchgnet.model.outputs import cell_volume
+    from fastchgnet.units import EV_A3_TO_GPA
 
     m = _model(force_head="pair", remove_net_force=False)
     batch = collate(build_graphs(random_structures(2, seed=6, max_atoms=8)), dtype=torch.float64)
     out = m(batch, task="efs", return_site_energies=True)
     with torch.no_grad():
-        feats = m._energy(batch, m.bond_vectors(batch), False, False, False, False, keep_features=True)
+        feats = m.features(batch, m.bond_vectors(batch))
     vec = m.bond_vectors(batch).requires_grad_(True)
-    phi, _ = m.pair_energy(feats["_atom"], feats["_bond"], torch.linalg.vector_norm(vec, dim=1), batch)
+    phi, _ = m.pair_energy(feats.atom, feats.bond, torch.linalg.vector_norm(vec, dim=1), batch)
     (grad,) = torch.autograd.grad(phi.sum(), vec)
     f = torch.zeros_like(batch.positions).index_add(0, batch.bond_src, -grad).index_add(0, batch.bond_dst, grad)
     assert f.abs().max() > 1e-3
     torch.testing.assert_close(out["f"], f, rtol=1e-9, atol=1e-12)
     vir = torch.zeros(2, 3, 3, dtype=torch.float64).index_add(
         0, batch.bond_graph, vec.detach().unsqueeze(2) * grad.unsqueeze(1))
-    unit = vec.detach() / feats["_length"][:, None]
-    env = fastchgnet.nn.functional.envelope(feats["_length"] / 6.0, m.config.cutoff_coeff)
-    learnt = m.stress_head(feats["_atom"], batch, bond=feats["_bond"], unit=unit, length=feats["_length"],
+    unit = vec.detach() / feats.length[:, None]
+    env = fastchgnet.nn.functional.envelope(feats.length / 6.0, m.config.cutoff_coeff)
+    learnt = m.stress_head(feats.atom, batch, bond=feats.bond, unit=unit, length=feats.length,
                            env=env)
     torch.testing.assert_close(out["s"] - learnt, vir * (EV_A3_TO_GPA / cell_volume(batch.lattice))[:, None, None],
                                rtol=1e-9, atol=1e-12)
     n = batch.n_atoms.double()
-    backbone = feats["_total"] + torch.zeros(2, dtype=torch.float64).index_add(0, batch.bond_graph, phi.detach())
+    backbone = feats.energy + torch.zeros(2, dtype=torch.float64).index_add(0, batch.bond_graph, phi.detach())
     ref = m.atom_ref.index_select(0, batch.atomic_numbers - 1)
     comp = torch.zeros(2, dtype=torch.float64).index_add(0, batch.atom_graph, ref)
     torch.testing.assert_close(out["e"], (backbone + comp) / n, rtol=1e-10, atol=1e-12)

@@ -91,6 +91,13 @@ class CHGNetConfig:
         return cls(**d)
 
     @classmethod
+    def with_overrides(cls, config: "CHGNetConfig | None", **overrides: Any) -> "CHGNetConfig":
+        """``config`` (default: the defaults) with some fields replaced."""
+        if config is None:
+            return cls(**overrides)
+        return cls.from_dict({**config.to_dict(), **overrides}) if overrides else config
+
+    @classmethod
     def from_chgnet_args(cls, args: dict[str, Any]) -> "CHGNetConfig":
         """Build from the ``model_args`` of a reference CHGNet checkpoint.
 

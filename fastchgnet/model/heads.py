@@ -43,12 +43,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastchgnet.data.batch import Batch
+from fastchgnet.model.backbone import Features
 from fastchgnet.model.config import CHGNetConfig
-from fastchgnet.model.decoupled import DecoupledCHGNet
-from fastchgnet.model.exact import EV_A3_TO_GPA, cell_volume
+from fastchgnet.model.exact import CHGNet
+from fastchgnet.model.outputs import Terms, bond_forces, virial_stress
 from fastchgnet.nn.functional import envelope, envelope_derivative
+from fastchgnet.nn.scatter import segment_sum
 
-__all__ = ["ForceHead", "HeadsCHGNet", "LatticeStressHead", "VirialStressHead"]
+__all__ = ["DirectHeads", "ForceHead", "HeadsCHGNet", "LatticeStressHead", "PairEnergyHead",
+           "VirialStressHead", "make_heads"]
 
 
 class _PairMLP(nn.Module):
@@ -155,8 +158,7 @@ class LatticeStressHead(nn.Module):
     def forward(self, atom: Tensor, batch: Batch, **_: Any) -> Tensor:
         per_atom = self.mlp(atom)  # (n_atoms, 6)
         n = batch.n_atoms.to(per_atom.dtype)
-        coef = per_atom.new_zeros(batch.num_graphs, len(_PAIRS)).index_add(
-            0, batch.atom_graph, per_atom) / n[:, None]
+        coef = segment_sum(per_atom, batch.atom_graph, batch.num_graphs) / n[:, None]
         a = batch.lattice / torch.linalg.vector_norm(batch.lattice, dim=2, keepdim=True)
         ak, al = a.index_select(1, self._k), a.index_select(1, self._l)  # (n_graphs, 6, 3)
         outer = ak.unsqueeze(3) * al.unsqueeze(2)  # (n_graphs, 6, 3, 3)
@@ -174,67 +176,82 @@ class VirialStressHead(nn.Module):
     def forward(self, atom: Tensor, batch: Batch, *, bond: Tensor, unit: Tensor, length: Tensor,
                 env: Tensor) -> Tensor:
         t = self.pair(atom, bond, batch.bond_src, batch.bond_dst) * env * length  # (n_bonds,)
-        vir = (t[:, None, None] * unit.unsqueeze(2)) * unit.unsqueeze(1)
-        s = vir.new_zeros(batch.num_graphs, 3, 3).index_add(0, batch.bond_graph, vir)
-        return s * (EV_A3_TO_GPA / cell_volume(batch.lattice))[:, None, None]
+        return virial_stress(batch, (t[:, None, None] * unit.unsqueeze(2)) * unit.unsqueeze(1))
 
 
-class HeadsCHGNet(DecoupledCHGNet):
-    """Decoupled CHGNet with direct Force and Stress heads (``model_type = "heads"``).
+def make_heads(c: CHGNetConfig) -> tuple[ForceHead | None, PairEnergyHead | None, nn.Module]:
+    """The force head, pair-energy head and stress head that ``c.force_head`` and
+    ``c.stress_head`` ask for (None where a head is not used)."""
+    A, B, H = c.atom_fea_dim, c.bond_fea_dim, c.head_hidden_dim
+    force = ForceHead(A, B, H) if c.force_head != "pair" else None
+    pair = (PairEnergyHead(A, B, H, c.pair_energy_basis, c.atom_graph_cutoff, c.cutoff_coeff)
+            if c.force_head != "direct" else None)
+    stress = LatticeStressHead(A, H) if c.stress_head == "lattice" else VirialStressHead(A, B, H)
+    return force, pair, stress
+
+
+class DirectHeads:
+    """Output stage: forces and stress from the heads; no gradient of the energy is taken.
+
+    ``config.force_head``: ``"direct"`` (Eq. 7), ``"pair"`` (the pair energy's forces) or
+    ``"pair+direct"``; ``config.stress_head``: ``"virial"`` or ``"lattice"`` (Eq. 9). The pair
+    energy, when used, is added to the energy and, half to each atom, to the site energies.
+    """
+
+    needs_energy_gradient = False
+
+    def __init__(self, config: CHGNetConfig) -> None:
+        self.config = config
+        self.force_head, self.pair_energy, self.stress_head = make_heads(config)
+
+    def modules(self) -> dict[str, nn.Module]:
+        named = {"force_head": self.force_head, "pair_energy": self.pair_energy,
+                 "stress_head": self.stress_head}
+        return {k: v for k, v in named.items() if v is not None}
+
+    def __call__(self, batch: Batch, vec: Tensor, feats: Features, want_f: bool, want_s: bool,
+                 create_graph: bool) -> Terms:
+        c = self.config
+        atom, bond, length, unit = feats.atom, feats.bond, feats.length, feats.unit
+        terms = Terms(feats.energy, feats.site)
+        dphi = None
+        if self.pair_energy is not None:
+            phi, dphi = self.pair_energy(atom, bond, length, batch)
+            half = 0.5 * phi
+            terms.site = terms.site.index_add(0, batch.bond_src, half).index_add(0, batch.bond_dst, half)
+            terms.energy = terms.energy + segment_sum(phi, batch.bond_graph, batch.num_graphs)
+        if not (want_f or want_s):
+            return terms
+        env = envelope(length / c.atom_graph_cutoff, c.cutoff_coeff)
+        if want_f:
+            f = (self.force_head(atom, bond, unit, env, batch) if self.force_head is not None
+                 else torch.zeros_like(batch.positions))
+            if dphi is not None:  # -d/dx of sum_b phi_b(r_b): ``unit`` points from dst to src
+                f = bond_forces(batch, dphi[:, None] * unit, f)
+            if c.remove_net_force:
+                n = batch.n_atoms.to(f.dtype)
+                net = segment_sum(f, batch.atom_graph, batch.num_graphs) / n[:, None]
+                f = f - net.index_select(0, batch.atom_graph)
+            terms.forces = f
+        if want_s:
+            s = self.stress_head(atom, batch, bond=bond, unit=unit, length=length, env=env)
+            if dphi is not None:  # the pair energy's virial, as the exact model's
+                s = s + virial_stress(batch, (dphi * length)[:, None, None] * unit.unsqueeze(2)
+                                      * unit.unsqueeze(1))
+            terms.stress = s
+        return terms
+
+
+class HeadsCHGNet(CHGNet):
+    """Decoupled CHGNet with direct Force and Stress heads (``model_type = "heads"``): the
+    decoupled block and the :class:`DirectHeads` output stage.
 
     Forces and stress need no gradient of the energy, so ``create_graph`` has no effect and a
     prediction of any task can run under ``torch.no_grad()``.
     """
 
     model_type = "heads"
-    forces_by_autograd = False
 
     def __init__(self, config: CHGNetConfig | None = None, **overrides: Any) -> None:
-        super().__init__(config, **overrides)
-        c = self.config
-        A, B, H = c.atom_fea_dim, c.bond_fea_dim, c.head_hidden_dim
-        self.force_head = ForceHead(A, B, H) if c.force_head != "pair" else None
-        self.pair_energy = (PairEnergyHead(A, B, H, c.pair_energy_basis, c.atom_graph_cutoff,
-                                           c.cutoff_coeff) if c.force_head != "direct" else None)
-        self.stress_head: nn.Module = (LatticeStressHead(A, H) if c.stress_head == "lattice"
-                                       else VirialStressHead(A, B, H))
-
-    @property
-    def head_energy_terms(self) -> bool:  # type: ignore[override]
-        return self.pair_energy is not None
-
-    def head_energy(self, batch: Batch, energy: Tensor, out: dict[str, Tensor]) -> Tensor:
-        """The backbone's energy plus the pair energy (``force_head`` "pair" or "pair+direct")."""
-        phi, dphi = self.pair_energy(out["_atom"], out["_bond"], out["_length"], batch)
-        out["_dphi"] = dphi
-        if "site_energies" in out:  # half of each bond's energy to each of its atoms
-            half = 0.5 * phi
-            out["site_energies"] = out["site_energies"].index_add(0, batch.bond_src, half).index_add(
-                0, batch.bond_dst, half)
-        return energy + phi.new_zeros(batch.num_graphs).index_add(0, batch.bond_graph, phi)
-
-    def forces_stress(self, batch: Batch, vec: Tensor, energy: Tensor, out: dict[str, Tensor],
-                      want_f: bool, want_s: bool, create_graph: bool) -> None:
-        c = self.config
-        atom, bond, length, unit = out["_atom"], out["_bond"], out["_length"], out["_unit"]
-        env = envelope(length / c.atom_graph_cutoff, c.cutoff_coeff)
-        dphi = out.get("_dphi")
-        if want_f:
-            f = (self.force_head(atom, bond, unit, env, batch) if self.force_head is not None
-                 else torch.zeros_like(batch.positions))
-            if dphi is not None:
-                # -d/dx of sum_b phi_b(r_b): ``unit`` points from dst to src
-                pf = dphi[:, None] * unit
-                f = f.index_add(0, batch.bond_src, -pf).index_add(0, batch.bond_dst, pf)
-            if c.remove_net_force:
-                n = batch.n_atoms.to(f.dtype)
-                net = f.new_zeros(batch.num_graphs, 3).index_add(0, batch.atom_graph, f) / n[:, None]
-                f = f - net.index_select(0, batch.atom_graph)
-            out["f"] = f
-        if want_s:
-            s = self.stress_head(atom, batch, bond=bond, unit=unit, length=length, env=env)
-            if dphi is not None:  # the pair energy's virial, as the exact model's
-                vir = (dphi * length)[:, None, None] * unit.unsqueeze(2) * unit.unsqueeze(1)
-                pv = vir.new_zeros(batch.num_graphs, 3, 3).index_add(0, batch.bond_graph, vir)
-                s = s + pv * (EV_A3_TO_GPA / cell_volume(batch.lattice))[:, None, None]
-            out["s"] = s
+        config = CHGNetConfig.with_overrides(config, **overrides)
+        super().__init__(config, block="decoupled", output=DirectHeads(config))

@@ -10,7 +10,7 @@ import torch
 
 from fastchgnet.data.batch import collate, split_by_size
 from fastchgnet.data.graph import CrystalGraph, build_graphs
-from fastchgnet.model.exact import check_task
+from fastchgnet.keys import PER_ATOM, PER_GRAPH, check_task
 
 # Default bounds on one batch so that a few huge structures do not exhaust memory. Counted in
 # atoms, directed bonds and angles (the sizes that drive memory), as well as structures.
@@ -99,13 +99,11 @@ def predict(
 
 
 def _unbatch(out: dict[str, torch.Tensor], n_atoms: list[int]) -> list[dict[str, np.ndarray]]:
-    per_graph = {"e", "s", "crystal_fea"}
-    per_atom = {"f", "m", "site_energies", "atom_fea"}
-    arrays = {k: v.detach().cpu().numpy() for k, v in out.items() if k in per_graph | per_atom}
+    arrays = {k: v.detach().cpu().numpy() for k, v in out.items() if k in PER_GRAPH + PER_ATOM}
     splits = np.cumsum(n_atoms)[:-1]
     res: list[dict[str, np.ndarray]] = [{} for _ in n_atoms]
     for k, a in arrays.items():
-        parts = np.split(a, splits) if k in per_atom else list(a)
+        parts = np.split(a, splits) if k in PER_ATOM else list(a)
         for r, part in zip(res, parts):
             r[k] = np.asarray(part)
     return res
