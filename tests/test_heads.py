@@ -41,6 +41,20 @@ def test_registered_and_round_trips_checkpoints(tmp_path):
         torch.testing.assert_close(a[k], b[k])
 
 
+def test_state_dict_keys_and_parameter_order_are_those_of_earlier_checkpoints():
+    """The output stage's modules are registered on the model under their own names, after the
+    backbone's: checkpoints and optimizer states (indexed by parameter order) of
+    earlier versions still load."""
+    m = _model(force_head="pair+direct")
+    names = [n for n, _ in m.named_parameters()]
+    heads = [n.split(".")[0] for n in names if n.split(".")[0] in ("force_head", "pair_energy", "stress_head")]
+    assert names[0] == "atom_ref"  # the root's own parameter comes first, then the submodules
+    assert names[len(names) - len(heads):] == [n for n in names if n.split(".")[0] in
+                                                 ("force_head", "pair_energy", "stress_head")]
+    assert list(dict.fromkeys(heads)) == ["force_head", "pair_energy", "stress_head"]
+    assert not any(k.startswith("output.") for k in m.state_dict())
+
+
 def test_energy_and_magmoms_are_the_decoupled_backbone():
     m = _model()
     dec = DecoupledCHGNet(m.config).double().eval()
