@@ -60,3 +60,29 @@ def test_cli_help(argv):
                           text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
+
+
+def test_cli_is_a_leaf_package_and_help_stays_light():
+    """Nothing in the library imports fastchgnet.cli; each command module imports on its own; the
+    parser does not load the file readers (pymatgen, ase.io) nor the benchmark harness."""
+    import ast
+
+    for path in (ROOT / "fastchgnet").rglob("*.py"):
+        if path.relative_to(ROOT / "fastchgnet").parts[0] in ("cli", "__main__.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
+                    [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            assert not any(m == "fastchgnet.cli" or m.startswith("fastchgnet.cli.") for m in mods), path
+    code = ("import sys\n"
+            "import fastchgnet\n"
+            "before = set(sys.modules)\n"
+            "import fastchgnet.cli.md, fastchgnet.cli.train, fastchgnet.cli.predict, fastchgnet.cli.demo\n"
+            "from fastchgnet.cli import build_parser\n"
+            "build_parser()\n"
+            "new = set(sys.modules) - before\n"
+            "print([m for m in ('pymatgen.core', 'ase.io', 'fastchgnet.bench') if m in new])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

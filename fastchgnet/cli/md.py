@@ -1,25 +1,26 @@
-"""``fastchgnet relax`` and ``fastchgnet md``: relaxation and molecular dynamics from the shell.
-
-Registered in :data:`fastchgnet.cli.COMMANDS`; heavy imports happen inside the handlers.
-"""
+"""``fastchgnet relax`` and ``fastchgnet md``: relaxation and molecular dynamics from the shell."""
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
+
+import torch
+
+from fastchgnet.cli.common import add_device_arg, formula, read_structures, text_table
+from fastchgnet.device import resolve_device
+from fastchgnet.md.calculator import CHGNetCalculator, as_atoms
+from fastchgnet.md.dynamics import MolecularDynamics
+from fastchgnet.md.relax import StructOptimizer
 
 __all__ = ["add_md", "add_relax"]
 
-# fastchgnet.cli imports this module for its COMMANDS list: its helpers are imported inside
-# the functions (no import cycle at load time)
 
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from fastchgnet.cli import _add_device_arg
-
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="0.3.0",
                    help="pretrained name (0.3.0, 0.2.0, r2scan) or checkpoint path [%(default)s]")
-    _add_device_arg(p)
+    add_device_arg(p)
     p.add_argument("--float64", action="store_true", help="run the model in float64")
     p.add_argument("--on-isolated-atoms", default="error", choices=["error", "warn", "ignore"],
                    help="atoms without a neighbour within 6 A [%(default)s]")
@@ -29,12 +30,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _calculator(args: argparse.Namespace):
-    import torch
-
-    from fastchgnet.cli import _device
-    from fastchgnet.md.calculator import CHGNetCalculator
-
-    return CHGNetCalculator(args.model, device=_device(args.device),
+    return CHGNetCalculator(args.model, device=resolve_device(args.device),
                             dtype=torch.float64 if args.float64 else None,
                             on_isolated_atoms=args.on_isolated_atoms, graph=args.graph)
 
@@ -54,7 +50,7 @@ def add_relax(sub: argparse._SubParsersAction) -> None:
                                    "FrechetCellFilter) until max|F| <= --fmax and max|stress| <= "
                                    "--smax; writes <out>/<name>.cif, .traj and .log.")
     p.add_argument("files", nargs="+", metavar="FILE")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--optimizer", default="FIRE", help="FIRE, BFGS, LBFGS, ... [%(default)s]")
     p.add_argument("--fmax", type=float, default=0.05, help="force criterion, eV/A [%(default)s]")
     p.add_argument("--smax", type=float, default=0.1, help="stress criterion, GPa [%(default)s]")
@@ -63,14 +59,10 @@ def add_relax(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cell", action="store_true", help="keep the cell fixed")
     p.add_argument("--loginterval", type=int, default=1, help="steps between frames [%(default)s]")
     p.add_argument("--out", default="relaxed", help="output folder [%(default)s]")
-    p.set_defaults(func=_run_relax)
+    p.set_defaults(func=run_relax)
 
 
-def _run_relax(args: argparse.Namespace) -> int:
-    from fastchgnet.bench import text_table
-    from fastchgnet.cli import _formula, read_structures
-    from fastchgnet.md.relax import StructOptimizer
-
+def run_relax(args: argparse.Namespace) -> int:
     items = [item for path in args.files for item in read_structures(path)]
     opt = StructOptimizer(_calculator(args), args.optimizer)
     out = Path(args.out)
@@ -84,7 +76,7 @@ def _run_relax(args: argparse.Namespace) -> int:
                         loginterval=args.loginterval)
         res.final_structure.to(filename=str(out / f"{stem}.cif"))
         failed += not res.converged
-        rows.append([label, _formula(s), str(len(s)), "yes" if res.converged else "NO",
+        rows.append([label, formula(s), str(len(s)), "yes" if res.converged else "NO",
                      str(res.steps), f"{res.energy / len(s):.5f}", f"{res.fmax:.4f}",
                      f"{res.smax:.4f}", f"{res.atoms.get_volume():.2f}"])
     print(text_table(["structure", "formula", "atoms", "converged", "steps", "e eV/atom",
@@ -102,7 +94,7 @@ def add_md(sub: argparse._SubParsersAction) -> None:
                        description="Run NVE, NVT or NPT molecular dynamics; the trajectory and "
                                    "log are written and flushed every --loginterval steps.")
     p.add_argument("file", metavar="FILE")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--ensemble", default="nvt", choices=["nve", "nvt", "npt"])
     p.add_argument("--thermostat", default=None,
                    help="nvt: langevin (default), nose-hoover, bussi, berendsen; "
@@ -123,16 +115,10 @@ def add_md(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trajectory", default=None, help="trajectory file [<out>/md.traj]")
     p.add_argument("--logfile", default=None, help="log file [<out>/md.log]")
     p.add_argument("--out", default="md", help="output folder [%(default)s]")
-    p.set_defaults(func=_run_md)
+    p.set_defaults(func=run_md)
 
 
-def _run_md(args: argparse.Namespace) -> int:
-    import time
-
-    from fastchgnet.cli import read_structures
-    from fastchgnet.md.calculator import as_atoms
-    from fastchgnet.md.dynamics import MolecularDynamics
-
+def run_md(args: argparse.Namespace) -> int:
     frames = read_structures(args.file)
     if len(frames) != 1:
         raise ValueError(f"{args.file} holds {len(frames)} structures; md runs one")
@@ -164,7 +150,3 @@ def _run_md(args: argparse.Namespace) -> int:
           f"{a.get_temperature():.1f} K, Epot {a.get_potential_energy() / len(a):.5f} eV/atom, "
           f"volume {a.get_volume():.2f} A^3")
     return 0
-
-
-# the subcommands of this module, in the order of ``fastchgnet --help``
-COMMANDS = [add_relax, add_md]

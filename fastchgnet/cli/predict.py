@@ -1,0 +1,52 @@
+"""``fastchgnet predict``: energy, forces, stress and magmoms of structure files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fastchgnet.cli.common import add_device_arg, formula, prediction_table, read_structures, summarize
+from fastchgnet.device import resolve_device
+from fastchgnet.model import load_model
+
+__all__ = ["add_predict"]
+
+
+def add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="energy, forces, stress and magmoms of structure files",
+                       description="Predict with a CHGNet model for each structure file "
+                                   "(CIF, POSCAR, extxyz, ... via pymatgen or ASE).")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--task", default="efsm", help="e, ef, efs, efsm, em, ... [%(default)s]")
+    p.add_argument("--model", default="0.3.0",
+                   help="pretrained name (0.3.0, 0.2.0, r2scan) or checkpoint path [%(default)s]")
+    add_device_arg(p)
+    p.add_argument("--batch-size", type=int, default=16, help="structures per batch [%(default)s]")
+    p.add_argument("--json", metavar="OUT", help="write all predictions (full arrays) as JSON")
+    p.set_defaults(func=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    labels: list[str] = []
+    structures: list = []
+    for path in args.files:
+        for label, s in read_structures(path):
+            labels.append(label)
+            structures.append(s)
+    model = load_model(args.model, device=resolve_device(args.device))
+    preds = model.predict(structures, task=args.task, batch_size=args.batch_size, ids=labels)
+    print(prediction_table(labels, structures, preds))
+    if args.json:
+        records = []
+        for label, s, p in zip(labels, structures, preds):
+            records.append({"file": label, "formula": formula(s), "n_atoms": len(s),
+                            **{k: v.tolist() for k, v in p.items()}, "summary": summarize(p)})
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"model": str(args.model), "task": args.task,
+                                   "units": {"e": "eV/atom", "f": "eV/A", "s": "GPa (positive = tensile)",
+                                             "m": "muB"},
+                                   "predictions": records}, indent=1) + "\n")
+        print(f"# saved {out}")
+    return 0

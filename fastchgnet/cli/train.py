@@ -1,0 +1,177 @@
+"""``fastchgnet train`` and ``fastchgnet evaluate``: training and evaluation from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fastchgnet.cli.common import add_device_arg, floats_arg
+from fastchgnet.device import resolve_device
+from fastchgnet.model import load_model
+from fastchgnet.train import (DistributedTrainingError, GraphDataset, TrainConfig, evaluate, prepare_data,
+                              train)
+from fastchgnet.train.report import json_safe, mae_table, parity_plots
+
+__all__ = ["add_evaluate", "add_train"]
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", metavar="PATH", default=None,
+                   help="dataset file (MPtrj JSON, extxyz, ASE db, mlearn JSON, ...); "
+                        "default: the built-in dataset")
+    p.add_argument("--format", default="auto",
+                   choices=["auto", "mptrj", "extxyz", "asedb", "mlearn", "ase"],
+                   help="dataset format [%(default)s: by extension and content]")
+    p.add_argument("--cache", metavar="DIR", default=None,
+                   help="graph cache root [$FASTCHGNET_CACHE or ~/.cache/fastchgnet/graphs]")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed entries (counted in the log) instead of stopping")
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model (default: on the built-in dataset)",
+                       description="Train a CHGNet-class model with the efsm Huber loss, Adam and a "
+                                   "cosine schedule; writes checkpoints, metrics.csv, test.json "
+                                   "and parity plots to --out.")
+    add_data_args(p)
+    p.add_argument("--val-data", metavar="PATH", help="validation file (instead of the random split)")
+    p.add_argument("--test-data", metavar="PATH", help="test file (instead of the random split)")
+    p.add_argument("--split", default="0.9,0.05,0.05", help="train,val,test fractions [%(default)s]")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    p.add_argument("--model", default="exact", help="model type [%(default)s]")
+    p.add_argument("--force-head", default=None, choices=["direct", "pair", "pair+direct"],
+                   help="force head of a new heads model (docs/models.md) [direct]")
+    p.add_argument("--stress-head", default=None, choices=["virial", "lattice"],
+                   help="stress head of a new heads model [virial]")
+    p.add_argument("--init", default=None, metavar="WEIGHTS",
+                   help="fine-tune from these weights: 0.3.0 or a checkpoint")
+    p.add_argument("--freeze", default="", metavar="GROUPS",
+                   help="comma-separated parameter groups to keep fixed: embedding, block0..blockN, "
+                        "magmom, readout, or parameter-name prefixes")
+    p.add_argument("--refit-atomref", action="store_true",
+                   help="with --init: refit the per-element reference energies on the training set")
+    p.add_argument("--epochs", type=int, default=10, help="total number of epochs [%(default)s]")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="structures per optimiser step, the GLOBAL batch: under torchrun it is "
+                        "split over all ranks (about batch/ranks each) [%(default)s]")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate [global batch_size / 128 * 3e-4]")
+    p.add_argument("--min-lr-ratio", type=float, default=0.01,
+                   help="cosine schedule ends at this fraction of --lr [%(default)s]")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps [%(default)s]")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this")
+    p.add_argument("--ema-decay", type=float, default=None, metavar="DECAY",
+                   help="validate and save (best.pt) an exponential moving average of the weights "
+                        "with this decay, e.g. 0.99 [off]")
+    p.add_argument("--loss", default="huber", choices=["huber", "mse", "mae"])
+    p.add_argument("--delta", type=float, default=0.1, help="Huber delta [%(default)s]")
+    p.add_argument("--weights", default="2,1.5,0.1,0.1", metavar="E,F,S,M",
+                   help="loss prefactors of energy, forces, stress, magmom [%(default)s]")
+    p.add_argument("--stage-two-start", type=int, default=None, metavar="EPOCHS",
+                   help="after this many epochs, switch to --stage-two-weights and --stage-two-lr "
+                        "(best.pt is then the best model of stage two) [off]")
+    p.add_argument("--stage-two-weights", default=None, metavar="E,F,S,M",
+                   help="loss prefactors of stage two [those of --weights]")
+    p.add_argument("--stage-two-lr", type=float, default=None,
+                   help="constant learning rate of stage two [the cosine schedule goes on]")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp64", "tf32"],
+                   help="fp32 (default), fp64, or tf32 matmuls on CUDA")
+    p.add_argument("--seed", type=int, default=0)
+    add_device_arg(p)
+    p.add_argument("--out", default="runs/train", help="run directory [%(default)s]")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out up to --epochs")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes [0 on CPU, 4 on CUDA]")
+    p.add_argument("--cache-workers", type=int, default=None,
+                   help="processes that build the graph cache [all CPUs]")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                   help="also write last.pt every STEPS steps (0: at epoch ends only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="no parity plots")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the training forward of a heads model (--model heads); "
+                        "BACKEND defaults to inductor")
+    p.add_argument("--log-every", type=int, default=0, metavar="STEPS",
+                   help="log the loss and the load CV every STEPS steps (0: per epoch only)")
+    d = p.add_argument_group("distributed (torchrun --nproc_per_node N -m fastchgnet train ...)")
+    d.add_argument("--balance", default="greedy", choices=["none", "paper", "greedy"],
+                   help="split of every global batch over the ranks by cost (atoms + bonds + "
+                        "angles): none, paper (smallest + largest in turn), greedy [%(default)s]")
+    d.add_argument("--bucket-mb", type=float, default=None,
+                   help="DDP gradient bucket size in MiB [torch default: 1 MiB first bucket, "
+                        "then 25 MiB]")
+    d.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="a collective that waits longer (a dead or hung rank) stops the job "
+                        "[%(default)s]")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    e, f, s, m = floats_arg(args.weights, 4, "--weights")
+    two = (dict(zip("efsm", floats_arg(args.stage_two_weights, 4, "--stage-two-weights")))
+           if args.stage_two_weights is not None else None)
+    arch = {k: v for k, v in (("force_head", args.force_head), ("stress_head", args.stress_head))
+            if v is not None}
+    if arch and args.model != "heads":
+        raise ValueError(f"--force-head and --stress-head are options of --model heads, not "
+                         f"{args.model!r}")
+    cfg = TrainConfig(
+        model_config=arch,
+        data=args.data, format=args.format, val_data=args.val_data, test_data=args.test_data,
+        split=tuple(floats_arg(args.split, 3, "--split")), limit=args.limit, model=args.model,
+        init=args.init, freeze=tuple(x for x in args.freeze.split(",") if x),
+        refit_atom_ref=args.refit_atomref, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, ema_decay=args.ema_decay, loss=args.loss, delta=args.delta,
+        prefactors={"e": e, "f": f, "s": s, "m": m}, stage_two_start=args.stage_two_start,
+        stage_two_prefactors=two, stage_two_lr=args.stage_two_lr, precision=args.precision,
+        seed=args.seed, device=args.device, out=args.out, cache=args.cache, workers=args.workers,
+        cache_workers=args.cache_workers,
+        skip_bad=args.skip_bad, checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress, plots=not args.no_plots, resume=args.resume,
+        balance=args.balance, bucket_mb=args.bucket_mb, dist_timeout=args.dist_timeout,
+        log_every=args.log_every, compile=args.compile)
+    try:
+        train(cfg)
+    except DistributedTrainingError as exc:
+        print(f"fastchgnet train: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="MAEs of a checkpoint on a dataset",
+                       description="Evaluate a model (0.3.0 or a checkpoint) on a dataset: MAE table, "
+                                   "a JSON report and parity plots.")
+    p.add_argument("model", help="0.3.0 or a checkpoint path (e.g. runs/train/best.pt)")
+    add_data_args(p)
+    p.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    p.add_argument("--batch-size", type=int, default=32)
+    add_device_arg(p)
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write eval.json and parity plots here")
+    p.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    model = load_model(args.model, device=device)
+    cache = prepare_data(args.data, format=args.format, cache_root=args.cache, skip_bad=args.skip_bad,
+                         atom_cutoff=model.config.atom_graph_cutoff,
+                         bond_cutoff=model.config.bond_graph_cutoff)
+    n = len(cache) if args.limit is None else min(args.limit, len(cache))
+    ds = GraphDataset(cache, range(n))
+    res = evaluate(model, ds, batch_size=args.batch_size, device=device, collect=args.out is not None)
+    result = {"model": str(args.model), "data": args.data or "built-in", "n_test": res["n"],
+              **{k: res[k] for k in ("loss", "e_mae", "f_mae", "s_mae", "m_mae")}}
+    print(mae_table(result))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        result["plots"] = [str(p) for p in parity_plots(res, out)]
+        (out / "eval.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
+        print(f"# saved {out / 'eval.json'} and {len(result['plots'])} parity plots")
+    return 0
