@@ -18,9 +18,11 @@ from typing import Any
 import pytest
 import torch
 
-from fastchgnet.bench import (
+from fastchgnet.bench.common import (
     bench_device_from_env,
     bench_structures,
+    environment,
+    format_environment,
     load_our_model,
     load_reference,
     reference_converter,
@@ -33,8 +35,6 @@ if os.environ.get("FASTCHGNET_BENCH_THREADS"):
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    from fastchgnet.bench import environment, format_environment
-
     return [f"fastchgnet benchmarks: {format_environment(environment(DEVICE))}"]
 
 
@@ -104,7 +104,7 @@ def device() -> str:
 
 @pytest.fixture(scope="session")
 def structures():
-    """:class:`fastchgnet.bench.BenchStructures` (shared CIFs, else built-in prototypes)."""
+    """:class:`fastchgnet.bench.common.BenchStructures` (shared CIFs, else built-in prototypes)."""
     return bench_structures()
 
 

@@ -27,8 +27,9 @@ import pytest
 import torch
 
 import fastchgnet
-from fastchgnet.bench import peak_memory_mib, synced
+from fastchgnet.bench.common import peak_memory_mib, synced
 from fastchgnet.data.device_graph import VerletGraph, device_graph, graph_inputs
+from fastchgnet.sim import BatchedMD
 
 IMPLS = ("chgnet", "host", "ours")
 
@@ -85,8 +86,6 @@ def test_graph_step_with_skin(benchmark, structures, device):
 
 @pytest.mark.parametrize("impl", ("chgnet", "ours"))
 def test_md_step(benchmark, request, ratio_book, structures, device, our_model, impl):
-    from fastchgnet.md.batched import BatchedMD
-
     if device.startswith("cuda"):
         s, label = _cell(structures, "2k")
     else:
@@ -118,8 +117,6 @@ def test_md_step(benchmark, request, ratio_book, structures, device, our_model, 
 @pytest.mark.parametrize("impl", ("chgnet", "ours"))
 def test_largest_cell(benchmark, request, structures, device, our_model, impl):
     """Largest supercell of the medium cell whose MD step (forces) fits in GPU memory."""
-    from fastchgnet.md.batched import BatchedMD
-
     ref = request.getfixturevalue("ref_model") if impl == "chgnet" else None
     base = structures.medium
     reps, largest, peak = [1, 1, 1], 0, None

@@ -1,6 +1,7 @@
 """Fused Triton ops vs their plain-torch references (eager and ``torch.compile``); CUDA only.
 
-Ops (``fastchgnet.kernels``) and their references (``fastchgnet.nn.functional``):
+Ops (the Triton kernels of ``fastchgnet.kernels``, called directly rather than through the
+dispatchers of ``fastchgnet.nn.fused``) and their references (``fastchgnet.nn.functional``):
 
 * ``radial_bases``: both smooth radial Bessel bases (6 Å and 3 Å cutoffs, K = 31, envelope p = 8)
   of ~150k undirected bond lengths;
@@ -46,8 +47,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from fastchgnet.bench import count_cuda_kernels
-from fastchgnet.bench_train import step_memory_mib
+from fastchgnet.bench.common import count_cuda_kernels, step_memory_mib
 from fastchgnet.nn import functional as reference
 
 CUDA = torch.cuda.is_available()

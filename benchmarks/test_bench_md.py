@@ -1,9 +1,9 @@
 """One MD step (ASE velocity Verlet + calculator), fastchgnet's CHGNetCalculator vs chgnet's.
 
 Cases: LiMnO2 (8 atoms) and Li9Co7O16 (32 atoms) from the shared CIFs when present, a 32-atom
-rocksalt NiO cell and a 64-atom diamond Si cell (:func:`fastchgnet.bench_md.md_structures`). A step
-is ``VelocityVerlet.run(1)``: integrator, graph construction and one efsm model call. The same
-measurement with interleaved timing: ``python -m fastchgnet.bench_md``.
+rocksalt NiO cell and a 64-atom diamond Si cell (:func:`fastchgnet.bench.md.md_structures`).
+A step is ``VelocityVerlet.run(1)``: integrator, graph construction and one efsm model call. The
+same measurement with interleaved timing: ``python -m fastchgnet.bench.md``.
 
 ``extra_info``: atoms, directed bonds, angles, device, ratio (chgnet / ours).
 """
@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import pytest
 
-from fastchgnet.bench import quiet, synced
-from fastchgnet.bench_md import md_stepper, md_structures
+from fastchgnet.bench.common import quiet, synced
+from fastchgnet.bench.md import md_stepper, md_structures
+from fastchgnet.md.calculator import CHGNetCalculator
 
 IMPLS = ("chgnet", "ours")
 ROUNDS = 10  # steps per implementation and case, after 2 warm-up steps
@@ -22,8 +23,6 @@ CASES = md_structures()
 
 @pytest.fixture(scope="module")
 def our_calc(our_model):
-    from fastchgnet.md.calculator import CHGNetCalculator
-
     return CHGNetCalculator(our_model)
 
 

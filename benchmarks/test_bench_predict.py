@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 import fastchgnet
-from fastchgnet.bench import device_stats, graph_counts, quiet, synced
+from fastchgnet.bench.common import device_stats, graph_counts, quiet, synced
 
 TASKS = ("e", "efsm")
 BATCH_SIZES = (1, 16)

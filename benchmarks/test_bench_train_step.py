@@ -1,16 +1,18 @@
 """One training step, fastchgnet vs the reference chgnet (pytest-benchmark).
 
-A step is :func:`fastchgnet.bench_train.ours_train_step` / ``chgnet_train_step``: forward with
-energy, forces, stress and magnetic moments (``create_graph=True``), the CHGNet Huber loss
-(delta 0.1; prefactors e 2, f 1.5, s 0.1, m 0.1), backward, Adam step, ``zero_grad``. Both start
-from the CHGNet 0.3.0 weights, each with its own model and optimiser for this module (the session
-models of the prediction benchmarks are not trained). Graphs are built and collated, and moved to
-the device, outside the timed step, as a DataLoader would.
+A step is :func:`fastchgnet.bench.train_step.ours_train_step` / ``chgnet_train_step``: forward
+with energy, forces, stress and magnetic moments (``create_graph=True``), the CHGNet Huber loss
+(delta 0.1; prefactors e 2, f 1.5, s 0.1, m 0.1; ours: the library's ``EFSMLoss``, as in the
+Trainer), backward, Adam step, ``zero_grad``. Both start from the CHGNet 0.3.0 weights, each with
+its own model and optimiser for this module (the session models of the prediction benchmarks are
+not trained). Graphs are built and collated, and moved to the device, outside the timed step, as
+a DataLoader would.
 
 Batch sizes: ``FASTCHGNET_BENCH_TRAIN_BATCHES`` (comma-separated; default ``4,8`` on the CPU,
-``16,32,64`` on CUDA) of MPtrj-like structures (:func:`fastchgnet.bench_train.chgnet_like_batch`:
-shared LiMnO2/Li9Co7O16 cells and supercells, strained and rattled, up to 16 atoms on the CPU and
-64 on CUDA — ``FASTCHGNET_BENCH_TRAIN_MAX_ATOMS`` overrides).
+``16,32,64`` on CUDA) of MPtrj-like structures
+(:func:`fastchgnet.bench.train_data.chgnet_like_batch`: shared LiMnO2/Li9Co7O16 cells and
+supercells, strained and rattled, up to 16 atoms on the CPU and 64 on CUDA —
+``FASTCHGNET_BENCH_TRAIN_MAX_ATOMS`` overrides).
 
 ``extra_info``: atoms, bonds, directed bonds, angles (sums over the batch), batch size, device,
 kernels (the fused-op path taken: ``triton`` or ``torch``) and the requested
@@ -26,19 +28,26 @@ import os
 import pytest
 import torch
 
-from fastchgnet.bench import bench_device_from_env, device_stats, load_our_model, load_reference, synced
-from fastchgnet.bench_train import (
+from fastchgnet.bench.common import (
+    bench_device_from_env,
+    device_stats,
+    load_our_model,
+    load_reference,
+    step_memory_mib,
+    synced,
+)
+from fastchgnet.bench.train_data import chgnet_like_batch, default_max_atoms
+from fastchgnet.bench.train_step import (
+    LEARNING_RATE,
     chgnet_inputs,
-    chgnet_like_batch,
     chgnet_train_step,
     default_batch_sizes,
-    default_max_atoms,
     kernels_used,
-    make_optimizer,
     our_inputs,
     ours_train_step,
-    step_memory_mib,
+    reference_optimizer,
 )
+from fastchgnet.train.schedule import make_optimizer
 
 
 _DEVICE = bench_device_from_env()  # as conftest.py; needed at collection time for the batch sizes
@@ -65,7 +74,7 @@ def train_ours(device: str):
     """(model, optimiser, weights name): a fresh 0.3.0 model in training mode."""
     model, weights = load_our_model(device)
     model.train()
-    return model, make_optimizer(model), weights
+    return model, make_optimizer(model, LEARNING_RATE), weights
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +84,12 @@ def train_ref(device: str):
     if ref is None:
         pytest.skip("chgnet is not installed")
     ref.train()
-    return ref, make_optimizer(ref)
+    return ref, reference_optimizer(ref)
 
 
 @pytest.fixture(scope="module")
 def train_data():
-    """``get(batch_size)`` -> :class:`~fastchgnet.bench_train.TrainData` (cached; the same
+    """``get(batch_size)`` -> :class:`~fastchgnet.bench.train_data.TrainData` (cached; the same
     structures and labels for both implementations)."""
     cache: dict = {}
 
@@ -99,10 +108,10 @@ def test_train_step(benchmark, request, ratio_book, device, train_data,
                     batch_size: int, impl: str) -> None:
     data = train_data(batch_size)
     model, opt, weights = request.getfixturevalue("train_ours")
-    batch, labels, counts = our_inputs(data, model, device)  # counts for both impls
+    batch, targets, counts = our_inputs(data, model, device)  # counts for both impls
     if impl == "ours":
         def step():
-            return ours_train_step(model, opt, batch, labels)
+            return ours_train_step(model, opt, batch, targets)
     else:
         ref, ref_opt = request.getfixturevalue("train_ref")
         graphs, ref_labels, ref_sizes = chgnet_inputs(

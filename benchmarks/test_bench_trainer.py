@@ -1,14 +1,15 @@
 """Training throughput, fastchgnet's Trainer vs chgnet's Trainer (pytest-benchmark).
 
 One benchmark round = one training epoch over the same MPtrj-like labelled structures
-(:func:`fastchgnet.bench_train.chgnet_like_batch`), see :mod:`fastchgnet.bench_trainer` for what
-each side times:
+(:func:`fastchgnet.bench.train_data.chgnet_like_batch`), see :mod:`fastchgnet.bench.trainer_epochs`
+for what each side times:
 
 * ``chgnet``: ``chgnet.trainer.Trainer._train(train_loader, epoch)`` on a fresh ``CHGNet()``,
   loader from ``StructureData`` + ``get_train_val_test_loader`` (graphs converted and cached by
   ``StructureData`` before timing);
-* ``ours``: ``fastchgnet.train.Trainer.fit()`` stopped after the epoch's last step (no
-  validation or checkpoints), graphs from a graph cache built before timing.
+* ``ours``: ``fastchgnet.train.Trainer.fit()`` for one epoch (``cfg.epochs`` one more than the
+  epochs done; no validation set, so no validation, but ``metrics.csv`` and ``last.pt`` are
+  written at the epoch's end), graphs from a graph cache built before timing.
 
 Both: efsm targets, Adam lr 1e-3, Huber delta 0.1, prefactors e 1, f 1, s 0.1, m 0.1 (chgnet's
 Trainer defaults), default CHGNet 0.3.0 architecture. Each (batch size, impl) gets a fresh trainer.
@@ -16,8 +17,8 @@ Trainer defaults), default CHGNet 0.3.0 architecture. Each (batch size, impl) ge
 Environment: ``FASTCHGNET_BENCH_TRAINER_BATCHES`` (comma-separated; default ``8`` on the CPU,
 ``16,32,64`` on CUDA), ``FASTCHGNET_BENCH_TRAINER_N`` (training-set size; default 16 on the CPU,
 256 on CUDA), ``FASTCHGNET_BENCH_TRAINER_MAX_ATOMS`` (default 16 on the CPU, 64 on CUDA).
-The defaults keep the CPU file at well under a minute; ``python -m fastchgnet.bench_trainer`` is
-the full-size, interleaved measurement.
+The defaults keep the CPU file at well under a minute; ``python -m
+fastchgnet.bench.trainer_epochs`` is the full-size, interleaved measurement.
 
 ``extra_info``: ``n_structures``, ``steps_per_epoch``, ``atoms``/``angles`` (training set),
 ``structs_per_s`` (from the median), batch size, device, kernels, ratio (chgnet/ours time = ours/
@@ -32,14 +33,10 @@ import os
 import pytest
 import torch
 
-from fastchgnet.bench import bench_device_from_env, synced
-from fastchgnet.bench_train import (
-    chgnet_like_batch,
-    default_max_atoms,
-    kernels_used,
-    step_memory_mib,
-)
-from fastchgnet.bench_trainer import OursEpochs, RefEpochs, chgnet_dataset, our_dataset
+from fastchgnet.bench.common import bench_device_from_env, step_memory_mib, synced
+from fastchgnet.bench.train_data import chgnet_like_batch, default_max_atoms
+from fastchgnet.bench.train_step import kernels_used
+from fastchgnet.bench.trainer_epochs import OursEpochs, RefEpochs, chgnet_dataset, our_dataset
 
 
 _DEVICE = bench_device_from_env()  # as conftest.py; needed at collection time for the batch sizes

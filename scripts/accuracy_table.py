@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fastchgnet.bench import environment
+from fastchgnet.bench.common import environment
 from fastchgnet.cli import floats_arg
 from fastchgnet.train import TrainConfig, train
 

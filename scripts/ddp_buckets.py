@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fastchgnet.bench import environment, save_record
+from fastchgnet.bench.common import environment, save_record
 
 
 def run_once(args: argparse.Namespace, bucket: str, out: Path, cache: Path) -> float:

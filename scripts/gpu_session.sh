@@ -164,19 +164,19 @@ part1() {
     fi
     [ "$DRY" = 1 ] && args+=(--collect-only)
     STEP_LOG="$OUT/pytest-$TAG.log" step pytest "${KIT_T_PYTEST:-250}" "${threads[@]}" "$PY" -m pytest "${args[@]}"
-    step train-step "${KIT_T_TRAIN:-120}" "$PY" -m fastchgnet.bench_train --device "$DEV" \
+    step train-step "${KIT_T_TRAIN:-120}" "$PY" -m fastchgnet.bench.train_step --device "$DEV" \
         --models exact,decoupled,heads "${TRAIN[@]}" --json "$OUT/$TAG-train-step.json"
-    step train-step-compiled "${KIT_T_TRAIN_COMPILED:-100}" "$PY" -m fastchgnet.bench_train \
+    step train-step-compiled "${KIT_T_TRAIN_COMPILED:-100}" "$PY" -m fastchgnet.bench.train_step \
         --device "$DEV" --models heads --compile "${TRAIN[@]}" \
         --json "$OUT/$TAG-train-step-compiled.json"
 }
 
 part2() {
-    step md-step "${KIT_T_MD:-200}" "$PY" -m fastchgnet.bench_md --device "$DEV" "${MD[@]}" \
+    step md-step "${KIT_T_MD:-200}" "$PY" -m fastchgnet.bench.md --device "$DEV" "${MD[@]}" \
         --json "$OUT/$TAG-md-step.json"
-    step max-cell "${KIT_T_CELL:-200}" "$PY" -m fastchgnet.bench_md --device "$DEV" --max-cell \
+    step max-cell "${KIT_T_CELL:-200}" "$PY" -m fastchgnet.bench.md --device "$DEV" --max-cell \
         "${CELL[@]}" --json "$OUT/$TAG-max-cell.json"
-    step scaling "${KIT_T_SCALING:-80}" "$PY" -m fastchgnet.bench_scaling --device "$DEV" \
+    step scaling "${KIT_T_SCALING:-80}" "$PY" -m fastchgnet.bench.scaling --device "$DEV" \
         "${SCALING[@]}" --json "$OUT/$TAG-scaling.json"
 }
 
@@ -187,7 +187,7 @@ part3() {
     step device-graph "${KIT_T_DEVGRAPH:-100}" env FASTCHGNET_BENCH_DEVICE="$DEV" "$PY" -m pytest \
         benchmarks/test_bench_device_graph.py -p no:cacheprovider --benchmark-only \
         --benchmark-json "$OUT/$TAG-devgraph.json" "${COLLECT[@]}"
-    step trainer "${KIT_T_TRAINER:-150}" "$PY" -m fastchgnet.bench_trainer --device "$DEV" \
+    step trainer "${KIT_T_TRAINER:-150}" "$PY" -m fastchgnet.bench.trainer_epochs --device "$DEV" \
         "${TRAINER[@]}" --json "$OUT/$TAG-trainer.json"
 }
 

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from fastchgnet import bench_md
+from fastchgnet.bench import md as bench_md
+from fastchgnet.bench.common import partial_saver
 from fastchgnet.md import calculator as calc_mod
 
 
@@ -77,8 +78,6 @@ def test_md_bench_variant_columns_and_cpu_skips_cuda_graphs(monkeypatch, capsys)
 
 
 def test_partial_saver_rewrites_the_record_marked_partial(tmp_path):
-    from fastchgnet.bench import partial_saver
-
     assert partial_saver(None, {}, {}, 0.0) is None
     path = tmp_path / "r.json"
     save = partial_saver(path, {"device": "cpu"}, {"repeats": 2}, 0.0)

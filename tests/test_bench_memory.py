@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from fastchgnet.bench_memory import TensorMemoryTracker, largest_fit, main, peak_tensor_mib
+from fastchgnet.bench.memory import TensorMemoryTracker, largest_fit, main, peak_tensor_mib
 
 HAS_CHGNET = importlib.util.find_spec("chgnet") is not None
 MB4 = 1000 * 1000 * 4  # a 1000 x 1000 float32 tensor
@@ -82,7 +82,7 @@ def test_a_step_past_the_memory_limit_is_recorded_not_killed():
 
     code = """
 import resource, torch
-from fastchgnet.bench_memory import limit_memory, measure
+from fastchgnet.bench.memory import limit_memory, measure
 vm = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()
 limit_memory(vm / 2**30 + 1.0)  # 1 GiB above what the process maps now
 assert measure(lambda: torch.ones(2**27)) is not None  # 512 MiB fits

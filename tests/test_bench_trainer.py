@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("chgnet")
 
-from fastchgnet import bench_trainer  # noqa: E402
+from fastchgnet.bench import trainer_epochs as bench_trainer  # noqa: E402
 
 ROW_KEYS = {"case", "device", "batch_size", "n_structures", "epochs", "steps_per_epoch", "atoms",
             "bonds", "directed_bonds", "angles", "ref_directed_bonds", "ref_angles", "ours_ms",
