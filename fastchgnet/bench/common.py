@@ -33,6 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 import fastchgnet
 from fastchgnet.data.prototypes import make, random_structures
 from fastchgnet.device import resolve_device
+from fastchgnet.tables import fmt_or_na, text_table  # noqa: F401 (part of the harness API)
 
 __all__ = [
     "BenchStructures", "CIF_LICOO", "CIF_LIMNO2", "bench_device_from_env", "bench_structures",
@@ -391,24 +392,6 @@ def graph_counts(graphs: list) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------------------------
 # tables and records
-
-
-def fmt_or_na(v: Any, spec: str) -> str:
-    """``format(v, spec)``, or ``"n/a"`` for a missing value."""
-    if v is None:
-        return "n/a"
-    return format(v, spec)
-
-
-def text_table(head: list[str], rows: list[list[str]]) -> str:
-    """A plain-text table: a header, a rule, the rows; first column left-aligned, others right."""
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
 
 def start_run(device: str, threads: int | None = None, stream: Any = None) -> tuple[str, dict]:

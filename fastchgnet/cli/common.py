@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from fastchgnet.tables import fmt_or_na, text_table
+
 __all__ = ["add_device_arg", "floats_arg", "fmt", "formula", "prediction_table", "read_structures",
            "summarize", "text_table"]
 
@@ -82,17 +84,7 @@ def summarize(pred: dict) -> dict[str, float | None]:
 
 def fmt(v: float | None, spec: str) -> str:
     """``v`` formatted with ``spec``, ``-`` for None."""
-    return "-" if v is None else format(v, spec)
-
-
-def text_table(head: list[str], rows: list[list[str]]) -> str:
-    """A plain-text table: a header, a rule, the rows; first column left-aligned, others right."""
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+    return fmt_or_na(v, spec, "-")
 
 
 def prediction_table(labels: list[str], structures: list, preds: list[dict]) -> str:
