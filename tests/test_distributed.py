@@ -26,17 +26,32 @@ import torch
 
 from fastchgnet.train.distributed import global_loss, launch_env
 from fastchgnet.train.loss import EFSMLoss, Targets
-from fastchgnet.train.trainer import TrainConfig, train
-from test_trainer import TINY, _write_extxyz
+from fastchgnet.train import TrainConfig, train
+from test_trainer import TINY, _write_extxyz, stop_at
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or
                                  not torch.distributed.is_gloo_available(), reason="needs gloo")
 
+# one rank of a launch: spec["stop"] stops every rank after that step (as a kill would);
+# spec["fault"] = [rank, step, hang] makes that rank die (exit code 3) or hang after that step
 WORKER = """
-import json, sys
-from fastchgnet.train.trainer import TrainConfig, train
+import json, os, sys, time
+from fastchgnet.train import TrainConfig, train
 spec = json.loads(sys.argv[1])
-train(TrainConfig(**spec["config"]), stop_after_steps=spec.get("stop"))
+callbacks = []
+if spec.get("stop") is not None:
+    def stop(trainer, n=spec["stop"]):
+        if trainer.step >= n:
+            trainer.request_stop()
+    callbacks.append(stop)
+if spec.get("fault"):
+    def fault(trainer, rank=spec["fault"][0], step=spec["fault"][1], hang=spec["fault"][2]):
+        if trainer.dist is not None and trainer.dist.rank == rank and trainer.step >= step:
+            if hang:
+                time.sleep(3600)
+            os._exit(3)
+    callbacks.append(fault)
+train(TrainConfig(**spec["config"]), callbacks=callbacks)
 """
 LAUNCH_TIMEOUT = 240
 
@@ -187,7 +202,7 @@ def test_stopped_on_two_ranks_resumes_on_one(setup):
 def test_stopped_on_one_process_resumes_on_two_ranks(setup):
     out = setup["root"] / "grow"
     cfg = TrainConfig(**setup["base"], out=str(out), checkpoint_every=1)
-    assert train(cfg, log=lambda m: None, stop_after_steps=5) == {}
+    assert train(cfg, log=lambda m: None, callbacks=[stop_at(5)]) == {}
     spec = {"config": {"out": str(out), "epochs": 2, "resume": True, "device": "cpu", "progress": False}}
     res = _launch([sys.executable, str(setup["worker"]), json.dumps(spec)], 2, out / "logs")
     assert [c for c, _ in res] == [0, 0], res
@@ -215,18 +230,19 @@ def test_torchrun_cli(setup, tmp_path):
     assert "balance paper" in log and log.count("load_cv") >= 2  # steps 2 and 4, once each
 
 
-def _fault_cmd(setup, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "fastchgnet", "train", "--data", str(setup["xyz"]),
-            "--init", str(setup["ref"] / "best.pt"), "--epochs", "50", "--batch-size", "8",
-            "--split", "0.8,0.1,0.1", "--cache", str(setup["root"] / "cache"), "--device", "cpu",
-            "--no-progress", "--no-plots", "--checkpoint-every", "2", "--out", str(out), *extra]
+def _fault_cmd(setup, out: Path, fault: list, **kw) -> list[str]:
+    """A long run (checkpoint every 2 steps) in which rank ``fault[0]`` dies or hangs after step
+    ``fault[1]`` (a step callback installed by the worker script)."""
+    config = dict(data=str(setup["xyz"]), init=str(setup["ref"] / "best.pt"), epochs=50, batch_size=8,
+                  split=(0.8, 0.1, 0.1), cache=str(setup["root"] / "cache"), device="cpu",
+                  progress=False, plots=False, checkpoint_every=2, out=str(out), **kw)
+    return [sys.executable, str(setup["worker"]), json.dumps({"config": config, "fault": fault})]
 
 
 def test_a_rank_that_dies_stops_the_job_with_the_checkpoint_intact(setup, tmp_path):
     out = tmp_path / "dies"
     t0 = time.time()
-    res = _launch(_fault_cmd(setup, out), 2, tmp_path / "logs",
-                  env={"FASTCHGNET_FAULT_INJECT": "1:3"}, timeout=120)
+    res = _launch(_fault_cmd(setup, out, [1, 3, False]), 2, tmp_path / "logs", timeout=120)
     elapsed = time.time() - t0
     (code0, err0), (code1, _) = res
     assert code1 == 3 and code0 == 1, res
@@ -242,8 +258,8 @@ def test_a_rank_that_dies_stops_the_job_with_the_checkpoint_intact(setup, tmp_pa
 def test_a_hung_rank_stops_the_job_after_the_timeout(setup, tmp_path):
     out = tmp_path / "hangs"
     t0 = time.time()
-    res = _launch(_fault_cmd(setup, out, "--dist-timeout", "5"), 2, tmp_path / "logs",
-                  env={"FASTCHGNET_FAULT_INJECT": "1:3:hang"}, timeout=120, wait_for=0)
+    res = _launch(_fault_cmd(setup, out, [1, 3, True], dist_timeout=5), 2, tmp_path / "logs",
+                  timeout=120, wait_for=0)
     code0, err0 = res[0]
     assert code0 == 1, err0
     assert "rank 0 of 2: training stopped" in err0 and "--dist-timeout 5 s" in err0, err0
@@ -313,11 +329,11 @@ def test_global_loss_shares_add_up_to_the_loss_of_the_whole_batch():
 
 
 # ------------------------------------------------------------------------------------------------
-# the scaling tool (python -m fastchgnet.bench_scaling)
+# the scaling tool (python -m fastchgnet.bench.scaling)
 
 
 def test_allreduce_model():
-    from fastchgnet.bench_scaling import Network, allreduce_ms, expected_max_normal
+    from fastchgnet.bench.scaling import Network, allreduce_ms, expected_max_normal
 
     net = Network(gpus_per_node=8, nvlink_gbps=100.0, nvlink_latency_us=5.0, ib_gbps=10.0, ib_latency_us=10.0)
     assert allreduce_ms(1e6, 1, net) == 0.0
@@ -333,7 +349,7 @@ def test_allreduce_model():
 
 
 def test_scaling_prediction_limits():
-    from fastchgnet.bench_scaling import Network, predict
+    from fastchgnet.bench.scaling import Network, predict
 
     free = Network(nvlink_gbps=1e12, nvlink_latency_us=0.0, ib_gbps=1e12, ib_latency_us=0.0)
     # no fixed cost, free communication: strong-scaling efficiency is set by imbalance alone
@@ -353,7 +369,7 @@ def test_scaling_prediction_limits():
 def test_scaling_tool_runs_on_the_cpu(tmp_path):
     import io
 
-    from fastchgnet.bench_scaling import main
+    from fastchgnet.bench.scaling import main
 
     buf = io.StringIO()
     res = main(["--device", "cpu", "--tiny", "--batch-sizes", "1,2", "--repeats", "1", "--warmup", "0",

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from fastchgnet.train.ema import EMA
-from fastchgnet.train.trainer import TrainConfig, train
+from fastchgnet.train import TrainConfig, train
 
-from test_trainer import _cfg, _write_extxyz
+from test_trainer import _cfg, _write_extxyz, stop_at
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_resume_with_ema_equals_an_uninterrupted_run(tmp_path, xyz):
     ref = _cfg(tmp_path / "a", xyz, epochs=2, ema_decay=0.8, cache=cache)
     train(ref, log=lambda m: None)
     cut = _cfg(tmp_path / "b", xyz, epochs=2, ema_decay=0.8, cache=cache, checkpoint_every=1)
-    assert train(cut, log=lambda m: None, stop_after_steps=5) == {}
+    assert train(cut, log=lambda m: None, callbacks=[stop_at(5)]) == {}
     train(TrainConfig(out=cut.out, epochs=2, resume=True, device="cpu", progress=False),
           log=lambda m: None)
     a, b = _ckpt(Path(ref.out) / "last.pt"), _ckpt(Path(cut.out) / "last.pt")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from fastchgnet.train.schedule import WarmupCosine
-from fastchgnet.train.trainer import TrainConfig, train
+from fastchgnet.train import TrainConfig, train
 
-from test_trainer import _cfg, _write_extxyz
+from test_trainer import _cfg, _write_extxyz, stop_at
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_resume_across_stage_two_equals_an_uninterrupted_run(tmp_path, xyz, cut)
     ref = _cfg(tmp_path / "a", xyz, **kw)
     train(ref, log=lambda m: None)
     part = _cfg(tmp_path / "b", xyz, checkpoint_every=1, **kw)
-    assert train(part, log=lambda m: None, stop_after_steps=cut) == {}
+    assert train(part, log=lambda m: None, callbacks=[stop_at(cut)]) == {}
     train(TrainConfig(out=part.out, epochs=3, resume=True, device="cpu", progress=False),
           log=lambda m: None)
     for name in ("last.pt", "best.pt"):

@@ -14,7 +14,8 @@ from fastchgnet.data.cache import build_cache
 from fastchgnet.data.prototypes import random_structures
 from fastchgnet.data.readers import samples_from_structures
 from fastchgnet.train.data import Collator, EpochBatchSampler, GraphDataset, split_indices
-from fastchgnet.train.trainer import METRIC_COLUMNS, TrainConfig, fit_atom_ref, freeze, train
+from fastchgnet.train import TrainConfig, Trainer, fit_atom_ref, freeze, train
+from fastchgnet.train.report import METRIC_COLUMNS
 
 TINY = dict(atom_fea_dim=8, bond_fea_dim=8, angle_fea_dim=8, num_radial=5, num_angular=5,
             atom_conv_hidden_dim=8, bond_conv_hidden_dim=8, mlp_hidden_dims=(8,), n_conv=2)
@@ -47,6 +48,15 @@ def _write_extxyz(path: Path, n: int = 20, seed: int = 0, bad: int | None = None
 @pytest.fixture(scope="module")
 def xyz(tmp_path_factory) -> Path:
     return _write_extxyz(tmp_path_factory.mktemp("data") / "toy.xyz")
+
+
+def stop_at(step: int):
+    """A step callback that stops the run after optimiser step ``step``, as a kill at that moment
+    would: no end-of-epoch work, no test report (``train`` returns ``{}``)."""
+    def callback(trainer: Trainer) -> None:
+        if trainer.step >= step:
+            trainer.request_stop()
+    return callback
 
 
 def _cfg(tmp: Path, xyz: Path, **kw) -> TrainConfig:
@@ -170,7 +180,10 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, xyz, checkpoint_every):
 
     cut = _cfg(tmp_path / "b", xyz, epochs=3, cache=str(tmp_path / "cache"),
                checkpoint_every=checkpoint_every)
-    assert train(cut, log=lambda m: None, stop_after_steps=6) == {}
+    seen: list[tuple[int, int]] = []
+    assert train(cut, log=lambda m: None,
+                 callbacks=[lambda t: seen.append((t.epoch, t.step)), stop_at(6)]) == {}
+    assert seen == [(0, 1), (0, 2), (0, 3), (0, 4), (1, 5), (1, 6)]  # after every step, in order
     ck = torch.load(Path(cut.out) / "last.pt", map_location="cpu", weights_only=True)["trainer"]
     assert ck["step"] == (6 if checkpoint_every else 4)  # mid-epoch checkpoint or epoch end
     train(TrainConfig(out=cut.out, epochs=3, resume=True, device="cpu", progress=False),
@@ -326,7 +339,7 @@ def test_tf32_accuracy_holds_on_cuda(tmp_path, xyz):
     meV/atom and tens of meV/Å of float32, and a tf32 run trains."""
     import fastchgnet
     from fastchgnet.data import build_graphs, collate
-    from fastchgnet.train.trainer import precision_context
+    from fastchgnet.train.runtime import precision_context
 
     model = fastchgnet.load_model("0.3.0", device="cuda")
     batch = collate(build_graphs(random_structures(8, seed=15, max_atoms=24))).to("cuda")
@@ -433,3 +446,30 @@ def test_train_the_decoupled_model(tmp_path, xyz):
     ft = _cfg(tmp_path / "ft", xyz, epochs=1, model="decoupled", model_config={}, init="0.3.0", limit=6)
     train(ft, log=lambda m: None)
     assert fastchgnet.load_model(Path(ft.out) / "best.pt").model_type == "decoupled"
+
+
+def test_the_old_trainer_module_re_exports_and_the_library_does_not_use_it():
+    """fastchgnet.train.trainer is kept for compatibility (no warning); no module of
+    fastchgnet.train imports it, nor the benchmark harness, nor a test hook."""
+    import ast
+
+    import fastchgnet.train as ft
+    import fastchgnet.train.trainer as old
+
+    for name in ("TrainConfig", "Trainer", "evaluate", "fit_atom_ref", "freeze", "prepare_data",
+                 "train", "read_metrics", "build_model"):
+        assert getattr(old, name) is getattr(ft, name), name
+    assert old.METRIC_COLUMNS == METRIC_COLUMNS and callable(old.precision_context)
+    assert callable(old._json_safe)  # used by older `fastchgnet evaluate`
+    pkg = Path(ft.__file__).parent
+    for path in pkg.glob("*.py"):
+        if path.name == "trainer.py":
+            continue
+        text = path.read_text()
+        assert "FASTCHGNET_FAULT_INJECT" not in text and "stop_after_steps" not in text, path
+        for node in ast.walk(ast.parse(text)):
+            mods = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
+                    [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for mod in mods:
+                assert mod != "fastchgnet.train.trainer" and not mod.startswith("fastchgnet.bench"), \
+                    (path.name, mod)

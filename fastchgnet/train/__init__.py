@@ -3,6 +3,10 @@
 ``fastchgnet.train.train(...)`` (or ``fastchgnet train`` on the command line) runs a whole job;
 under ``torchrun`` it trains data-parallel (:mod:`fastchgnet.train.distributed`,
 :mod:`fastchgnet.train.balance`).
+
+Modules: ``config`` (TrainConfig), ``job`` (train, prepare_data), ``model_setup`` (build_model,
+fit_atom_ref, freeze), ``loop`` (Trainer and its step callbacks), ``evaluation`` (evaluate),
+``runtime`` (precision, RNG state, DDP), ``report`` (metrics.csv, train.log, test.json, plots).
 """
 
 from fastchgnet.train.loss import (
@@ -16,7 +20,12 @@ from fastchgnet.train.schedule import WarmupCosine, default_lr, make_optimizer, 
 from fastchgnet.train.data import Collator, DevicePrefetcher, EpochBatchSampler, GraphDataset, split_indices
 from fastchgnet.train.balance import DistributedBatchSampler, load_cv, partition, sample_costs
 from fastchgnet.train.distributed import DistEnv, DistributedTrainingError, init_distributed
-from fastchgnet.train.trainer import TrainConfig, Trainer, evaluate, fit_atom_ref, freeze, prepare_data, train
+from fastchgnet.train.config import TrainConfig
+from fastchgnet.train.evaluation import evaluate
+from fastchgnet.train.loop import StepCallback, Trainer
+from fastchgnet.train.model_setup import build_model, fit_atom_ref, freeze
+from fastchgnet.train.job import prepare_data, train
+from fastchgnet.train.report import read_metrics
 
 __all__ = [
     "Collator",
@@ -30,12 +39,15 @@ __all__ = [
     "DevicePrefetcher",
     "EpochBatchSampler",
     "GraphDataset",
+    "StepCallback",
     "TrainConfig",
     "Trainer",
+    "build_model",
     "evaluate",
     "fit_atom_ref",
     "freeze",
     "prepare_data",
+    "read_metrics",
     "split_indices",
     "train",
     "DEFAULT_PREFACTORS",

@@ -23,13 +23,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fastchgnet.train.loss import TARGET_KEYS, _terms
+
 __all__ = ["DistEnv", "DistributedTrainingError", "global_loss", "init_distributed", "launch_env",
            "rank_ordered", "shutdown"]
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 1800.0
-# test hook (see maybe_inject_fault): a rank that dies or hangs after a given step
-FAULT_ENV = "FASTCHGNET_FAULT_INJECT"
 
 
 class DistributedTrainingError(RuntimeError):
@@ -153,8 +153,6 @@ def global_loss(loss_fn: Any, pred: dict[str, Tensor], targets: Any,
     ``(loss to back-propagate, share)``: ``share`` summed over the ranks is the global batch's loss;
     the loss to back-propagate is ``world_size * share`` (DDP averages the gradients).
     """
-    from fastchgnet.train.loss import TARGET_KEYS, _terms
-
     ref = next(v for v in pred.values() if isinstance(v, Tensor))
     zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
     sums = [zero] * len(TARGET_KEYS)
@@ -171,17 +169,3 @@ def global_loss(loss_fn: Any, pred: dict[str, Tensor], targets: Any,
     share = (torch.stack(sums) / counts * weights).sum()
     return share * env.world_size, share.detach()
 
-
-def maybe_inject_fault(env: DistEnv | None, step: int) -> None:
-    """Test hook: ``FASTCHGNET_FAULT_INJECT=RANK:STEP`` makes that rank die (exit code 3) after
-    optimiser step STEP; ``RANK:STEP:hang`` makes it hang instead (sleep, no collective)."""
-    spec = os.environ.get(FAULT_ENV)
-    if env is None or not spec:
-        return
-    parts = spec.split(":")
-    if env.rank == int(parts[0]) and step >= int(parts[1]):
-        if parts[2:] == ["hang"]:
-            import time
-
-            time.sleep(3600)
-        os._exit(3)

@@ -1,4 +1,5 @@
-"""Reports of a training run: the test MAE table and parity plots (PNG).
+"""Reports of a training run: the run log, ``metrics.csv``, ``test.json``, the test MAE table and
+parity plots (PNG).
 
 Plots are drawn on a bare :class:`matplotlib.figure.Figure` with the Agg canvas: no pyplot, no
 global matplotlib state is touched.
@@ -6,13 +7,75 @@ global matplotlib state is touched.
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["mae_table", "parity_plots"]
+__all__ = ["METRIC_COLUMNS", "json_safe", "mae_table", "parity_plots", "read_metrics", "run_logger",
+           "write_json", "write_metrics"]
+
+#: the columns of metrics.csv (one row per epoch)
+METRIC_COLUMNS = ("epoch", "step", "time_s", "lr", "train_loss", "val_loss", "val_e_mae",
+                  "val_f_mae", "val_s_mae", "val_m_mae", "structures_per_s", "load_cv")
+
+
+def run_logger(out: Path, log: Callable[[str], None] | None = None) -> Callable[[str], None]:
+    """A log function for a run: ``log`` (default: print) and a line appended to out/train.log."""
+    def _log(msg: str) -> None:
+        (log or (lambda m: print(m, flush=True)))(msg)
+        with open(Path(out) / "train.log", "a") as fh:
+            fh.write(msg + "\n")
+    return _log
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a ``metrics.csv`` (strings, as written); ``[]`` when there is no file."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_metrics(path: str | os.PathLike, row: dict[str, Any]) -> None:
+    """Append the epoch ``row`` to ``metrics.csv`` (atomically), dropping the rows of that epoch
+    and later ones that a resumed run redoes."""
+    path = Path(path)
+    rows = [r for r in read_metrics(path) if int(r["epoch"]) < row["epoch"]]
+    rows.append({k: row[k] for k in METRIC_COLUMNS})
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    os.replace(tmp, path)
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN/inf (a target without labels) as null, so the file is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """``obj`` as strict JSON (see :func:`json_safe`), written atomically (a temporary file and a
+    rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(json_safe(obj), indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
 
 TARGETS = {
     "e": ("energy", "eV/atom"),

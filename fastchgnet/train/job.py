@@ -1,0 +1,304 @@
+"""The whole job behind ``fastchgnet train``: :func:`train`.
+
+Read the data into the graph cache, split it, build (or load) the model, fit the AtomRef, train with
+Adam and a cosine schedule (:class:`~fastchgnet.train.loop.Trainer`), validate every epoch, write
+checkpoints and ``metrics.csv``, and at the end evaluate the best checkpoint on the test set
+(``test.json`` and parity plots).
+
+Run directory (``--out``)::
+
+    config.json     the TrainConfig of the run
+    split.json      the cache indices of the train / val / test samples
+    train.log       the log
+    metrics.csv     one row per epoch
+    last.pt         model + optimiser + scheduler + epoch/step + RNG (written atomically)
+    best.pt         the model with the lowest validation loss (loadable by load_model)
+    test.json       test-set MAEs (and the per-element baseline) of best.pt
+    parity_*.png    parity plots of energy, forces, stress and magnetic moments
+
+Distributed (launched by torchrun or SLURM with more than one process): ``batch_size`` is the
+*global* batch, split over the ranks for every step by the load balancer
+(:mod:`fastchgnet.train.balance`); the model is wrapped in DDP; rank 0 alone writes the log,
+``metrics.csv`` and the checkpoints; validation is sharded over the ranks. The global batches do
+not depend on the number of ranks, so a run may be resumed on a different number of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from fastchgnet.data.builtin import builtin_dataset_path, read_builtin
+from fastchgnet.data.cache import GraphCache, open_or_build
+from fastchgnet.data.readers import read_dataset
+from fastchgnet.model.exact import CHGNet
+from fastchgnet.model.weights import load_model
+from fastchgnet.train.config import TrainConfig
+from fastchgnet.train.data import GraphDataset, split_indices
+from fastchgnet.train.distributed import (
+    DistEnv,
+    DistributedTrainingError,
+    init_distributed,
+    rank_ordered,
+    shutdown,
+)
+from fastchgnet.train.evaluation import evaluate
+from fastchgnet.train.loop import StepCallback, Trainer
+from fastchgnet.train.model_setup import baseline_mae, build_model, fit_atom_ref, freeze
+from fastchgnet.train.report import mae_table, parity_plots, run_logger, write_json
+
+__all__ = ["default_cache_root", "finish", "prepare_data", "train"]
+
+Log = Callable[[str], None]
+# options that may change on resume (the number of ranks may change too)
+RESUMABLE_OPTIONS = ("epochs", "progress", "device", "workers", "plots", "balance", "bucket_mb",
+                     "dist_timeout", "log_every", "compile")
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+
+def default_cache_root() -> Path:
+    env = os.environ.get("FASTCHGNET_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "fastchgnet" / "graphs"
+
+
+def prepare_data(path: str | None, *, format: str = "auto", cache_root: str | os.PathLike | None = None,
+                 skip_bad: bool = False, atom_cutoff: float = 6.0, bond_cutoff: float = 3.0,
+                 workers: int | None = None, log: Log = print) -> GraphCache:
+    """The graph cache of a dataset file (``None``: the built-in dataset), built on first use.
+
+    Bad entries stop with an error naming the file and entry, or with ``skip_bad`` are left out
+    and counted (the counts are logged and kept in the cache's ``meta.json``).
+    """
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    stats: dict[str, Any] = {}
+    if path is None:
+        source = builtin_dataset_path()
+
+        def samples() -> Iterator[Any]:
+            return read_builtin(source, skip_bad=skip_bad, stats=stats)
+        fmt = "builtin"
+    else:
+        source = Path(path)
+        if not source.is_file():
+            raise FileNotFoundError(f"dataset {path} does not exist (or is not a file)")
+
+        def samples() -> Iterator[Any]:
+            return read_dataset(source, format=format, skip_bad=skip_bad, stats=stats)  # type: ignore[arg-type]
+        fmt = format
+
+    def meta_extra() -> dict[str, Any]:
+        return {"source": str(source), "reader": dict(stats)}
+
+    t0 = time.perf_counter()
+    cache = open_or_build(samples, source, root, options={"format": fmt}, atom_cutoff=atom_cutoff,
+                          bond_cutoff=bond_cutoff, workers=workers, skip_bad=skip_bad,
+                          meta_extra=meta_extra)
+    built = time.perf_counter() - t0
+    reader = cache.meta.get("reader", {})
+    msg = f"data {source}: {len(cache)} samples (graph cache {cache.path}, {built:.1f} s)"
+    n_skip = int(reader.get("skipped", 0)) + len(cache.skipped)
+    if n_skip:
+        reasons = dict(reader.get("reasons", {}))
+        if cache.skipped:
+            reasons["graph"] = reasons.get("graph", 0) + len(cache.skipped)
+        msg += f"; skipped {n_skip} bad entries {reasons}"
+    log(msg)
+    if len(cache) == 0:
+        raise ValueError(f"{source}: no usable samples")
+    return cache
+
+
+def _split(config: TrainConfig, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train / val / test indices of the first ``n`` samples; a separate ``val_data`` or
+    ``test_data`` file gives its share of the split to the training set."""
+    fractions = list(config.split)
+    if config.val_data is not None:
+        fractions[0] += fractions[1]
+        fractions[1] = 0.0
+    if config.test_data is not None:
+        fractions[0] += fractions[2]
+        fractions[2] = 0.0
+    return split_indices(n, fractions, seed=config.seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole job
+
+
+def train(config: TrainConfig | None = None, *, log: Log | None = None,
+          callbacks: Iterable[StepCallback] = (), **overrides: Any) -> dict[str, Any]:
+    """Run a training job (``fastchgnet train``); returns the test metrics (``test.json``).
+
+    ``train(epochs=3, batch_size=8, out="runs/x")`` or ``train(TrainConfig(...))``. With
+    ``resume=True`` the run in ``out`` continues from its ``last.pt`` up to ``epochs``; the other
+    options are taken from the saved run (a differing ``epochs`` extends or shortens it).
+
+    ``callbacks``: functions ``callback(trainer)`` called after every optimiser step (see
+    :class:`~fastchgnet.train.loop.Trainer`). When one calls ``trainer.request_stop()`` the job
+    ends after that step, without the end-of-epoch work or the test report, and returns ``{}``.
+
+    Launched by torchrun (or SLURM) with several processes, every process calls this: they join
+    one process group (NCCL on CUDA, gloo on the CPU) and train data-parallel; rank 0 returns the
+    test metrics, the other ranks ``{}``. A failure on any rank (a rank that died, a collective past
+    ``dist_timeout``) raises :class:`DistributedTrainingError` naming the rank and the checkpoint to
+    resume from.
+    """
+    if config is None:
+        config = TrainConfig(**overrides)
+    elif overrides:
+        config = TrainConfig.from_dict({**config.to_dict(), **overrides})
+    out = Path(config.out)
+    last = out / "last.pt"
+    if config.resume:
+        if not last.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint {last}")
+        saved = torch.load(last, map_location="cpu", weights_only=True)["trainer"]["train_config"]
+        keep = {k: getattr(config, k) for k in RESUMABLE_OPTIONS}
+        config = TrainConfig.from_dict({**saved, **keep, "resume": True})
+    elif last.is_file():
+        raise FileExistsError(f"{out} already holds a run (last.pt): pass --resume to continue it "
+                              "or choose another --out")
+    env = init_distributed(config.device, config.dist_timeout)
+    if env is None:
+        return _train(config, None, log, callbacks)
+    try:
+        result = _train(config, env, log, callbacks)
+    except Exception as exc:
+        step = _checkpoint_step(last)
+        raise DistributedTrainingError(
+            f"rank {env.rank} of {env.world_size}: training stopped ({type(exc).__name__}: {exc}). "
+            "If another rank died or hung, its own error is in its log; a collective waits at most "
+            f"--dist-timeout {config.dist_timeout:g} s. The last checkpoint "
+            + (f"{last} (step {step}) is intact: continue with --resume, on any number of ranks."
+               if step is not None else f"{last} was not written yet.")) from exc
+    shutdown(env)
+    return result
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["trainer"]["step"])
+    except Exception:  # absent or unreadable: reported as not written
+        return None
+
+
+def _prepare_run_dir(out: Path, main: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        for stale in out.glob("*.tmp"):  # partial writes of a killed run (the real files are intact)
+            stale.unlink()
+
+
+def _datasets(config: TrainConfig, model: CHGNet, env: DistEnv | None, log: Log
+              ) -> tuple[GraphCache, np.ndarray, np.ndarray, np.ndarray, GraphDataset, GraphDataset,
+                         GraphDataset]:
+    """The graph cache of ``data``, its split, and the train / val / test datasets."""
+    cutoffs = {"atom_cutoff": model.config.atom_graph_cutoff, "bond_cutoff": model.config.bond_graph_cutoff}
+    data_kw = dict(format=config.format, cache_root=config.cache, skip_bad=config.skip_bad,
+                   workers=config.cache_workers, log=log, **cutoffs)
+
+    def data() -> tuple[GraphCache, GraphCache | None, GraphCache | None]:
+        extra = {**data_kw, "format": "auto"}
+        return (prepare_data(config.data, **data_kw),
+                prepare_data(config.val_data, **extra) if config.val_data is not None else None,
+                prepare_data(config.test_data, **extra) if config.test_data is not None else None)
+
+    # distributed: rank 0 builds the graph cache, the others open it (each reads only its samples)
+    cache, val_cache, test_cache = rank_ordered(env, data)
+    n = len(cache) if config.limit is None else min(config.limit, len(cache))
+    tr, va, te = _split(config, n)
+    train_set = GraphDataset(cache, tr)
+    val_set = GraphDataset(val_cache) if val_cache is not None else GraphDataset(cache, va)
+    test_set = GraphDataset(test_cache) if test_cache is not None else GraphDataset(cache, te)
+    return cache, tr, va, te, train_set, val_set, test_set
+
+
+def _set_up_model(model: CHGNet, config: TrainConfig, cache: GraphCache, tr: np.ndarray,
+                  main: bool, log: Log) -> None:
+    """Fit the AtomRef (a new run) and freeze the ``config.freeze`` groups. The fit reads the
+    composition of the whole training set: rank 0 only (DDP broadcasts rank 0's parameters, the
+    AtomRef included, when it wraps the model)."""
+    if not config.resume and main:
+        if model.atom_ref is not None and (config.init is None or config.refit_atom_ref):
+            ref, mae = fit_atom_ref(cache, tr, model.config.max_num_elements,
+                                    previous=model.atom_ref if config.init is not None else None)
+            with torch.no_grad():
+                model.atom_ref.copy_(torch.as_tensor(ref, dtype=model.atom_ref.dtype))
+            log(f"AtomRef fitted on {len(tr)} training structures: baseline MAE {mae * 1e3:.1f} meV/atom")
+    if config.freeze:
+        frozen = freeze(model, config.freeze)
+        log(f"frozen: {len(frozen)} parameter tensors ({', '.join(config.freeze)})")
+
+
+def _train(config: TrainConfig, env: DistEnv | None, log: Log | None,
+           callbacks: Iterable[StepCallback] = ()) -> dict[str, Any]:
+    """The job of :func:`train` on this process (``env``: its place in a distributed run)."""
+    main = env is None or env.is_main
+    out = Path(config.out)
+    last = out / "last.pt"
+    _prepare_run_dir(out, main)
+    _log = run_logger(out, log) if main else (lambda msg: None)
+    if env is not None:
+        _log(f"distributed: {env.world_size} ranks, backend {env.backend}, global batch "
+             f"{config.batch_size} (~{config.batch_size / env.world_size:.1f} per rank), "
+             f"balance {config.balance}")
+
+    torch.manual_seed(config.seed)
+    model = build_model(config)
+    cache, tr, va, te, train_set, val_set, test_set = _datasets(config, model, env, _log)
+    if main:
+        (out / "split.json").write_text(json.dumps({"cache": str(cache.path), "train": tr.tolist(),
+                                                    "val": va.tolist(), "test": te.tolist()}))
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+    _set_up_model(model, config, cache, tr, main, _log)
+
+    trainer = Trainer(model, config, train_set, val_set, log=log, dist=env, callbacks=callbacks)
+    if config.resume:
+        trainer.resume_from(last)
+        _log(f"resumed {last}: epoch {trainer.epoch}, step {trainer.step} "
+             f"({trainer.step_in_epoch} steps into the epoch)")
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _log(f"model {config.model}: {n_train:,} trainable parameters; {len(train_set)} train / "
+         f"{len(val_set)} val / {len(test_set)} test structures; batch {config.batch_size}, "
+         f"lr {config.learning_rate:.3g}, {trainer.steps_per_epoch} steps/epoch, {config.epochs} epochs, "
+         f"{trainer.device}, {config.precision}")
+    trainer.fit()
+    if env is not None:
+        env.barrier()  # every rank done and the last checkpoint written
+    if trainer.stopped or not main:
+        return {}
+    return finish(trainer, cache, test_set, tr, log=_log)
+
+
+def finish(trainer: Trainer, cache: GraphCache, test_set: GraphDataset, train_indices: np.ndarray,
+           *, log: Log = print) -> dict[str, Any]:
+    """Evaluate best.pt on the test set; write test.json and the parity plots."""
+    out = trainer.out
+    cfg = trainer.cfg
+    best = load_model(out / "best.pt", device=trainer.device)
+    result: dict[str, Any] = {"checkpoint": str(out / "best.pt"), "n_test": len(test_set)}
+    if len(test_set):
+        res = evaluate(best, test_set, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+                       device=trainer.device, loss_fn=trainer.loss_fn, collect=True)
+        result.update({k: res[k] for k in ("loss", "e_mae", "f_mae", "s_mae", "m_mae")})
+        if best.atom_ref is not None:
+            result["baseline_e_mae"] = baseline_mae(test_set.cache, test_set.indices,
+                                                    best.atom_ref.detach().cpu().double().numpy())
+        if cfg.plots:
+            result["plots"] = [str(p) for p in parity_plots(res, out)]
+    result["units"] = {"e_mae": "eV/atom", "f_mae": "eV/A", "s_mae": "GPa", "m_mae": "muB"}
+    write_json(out / "test.json", result)
+    log(mae_table(result))
+    log(f"checkpoint: {out / 'best.pt'}   metrics: {out / 'metrics.csv'}   test: {out / 'test.json'}")
+    if result.get("plots"):
+        log("parity plots: " + ", ".join(result["plots"]))
+    return result
