@@ -91,7 +91,7 @@ from fastchgnet.model.config import CHGNetConfig
 from fastchgnet.model.exact import CHGNet
 from fastchgnet.model.weights import convert_chgnet_state_dict
 from fastchgnet.train.data import GraphDataset
-from fastchgnet.train.trainer import TrainConfig, Trainer
+from fastchgnet.train import TrainConfig, Trainer
 from fastchgnet.units import VASP_KBAR_TO_GPA
 
 __all__ = [
