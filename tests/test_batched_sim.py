@@ -1,4 +1,4 @@
-"""Batched simulation (fastchgnet.md.batched): FIRE (+ cell filter) equals ASE's, in-flight
+"""Batched simulation (fastchgnet.sim): FIRE (+ cell filter) equals ASE's, in-flight
 batching gives every structure its own trajectory, MD equals ASE's velocity Verlet and batched
 MD equals one structure at a time, Langevin thermostat reaches its target temperatures."""
 
@@ -12,7 +12,8 @@ import torch
 
 import fastchgnet
 from fastchgnet.data.prototypes import make
-from fastchgnet.md.batched import (AMU_A2_FS2_EV, BatchedMD, BatchPotential, atom_graph_of, relax)
+from fastchgnet.sim import BatchedMD, BatchPotential, atom_graph_of, relax
+from fastchgnet.units import AMU_A2_FS2_EV
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,10 @@ def test_fire_matches_ase(model64, cell_filter):
         np.testing.assert_allclose(r.structure.lattice.matrix, atoms.cell[:], atol=1e-9)
         assert np.abs(r.forces).max() < 0.05 * 1.01
         assert type(r.structure) is type(s)
+        # the one RelaxResult of both relaxers: real residuals, chgnet-style access
+        assert r.fmax == pytest.approx(np.linalg.norm(r.forces, axis=1).max(), abs=1e-12)
+        assert r.smax == (pytest.approx(np.abs(r.stress).max()) if cell_filter else 0.0)
+        assert r["final_structure"] is r.structure and r.atoms is None
 
 
 def test_in_flight_batching(model64):
@@ -186,5 +191,6 @@ def test_ase_atoms_in_and_out(small_model):
     before = atoms.positions.copy()
     (res,) = relax(small_model, [atoms], fmax=1e-9, steps=3)
     assert type(res.structure) is type(atoms) and res.n_steps == 3 and not res.converged
+    assert res.atoms is res.structure and res.final_structure is None and res.steps == 3
     assert np.abs(res.structure.positions - before).max() > 0
     np.testing.assert_array_equal(atoms.positions, before)  # the input is not modified

@@ -267,9 +267,9 @@ def test_device_graph_mode_matches_host():
 
 
 def test_forward_hook_compiled():
-    """``forward=`` replaces the model call (here fastchgnet.md.compiled.CompiledForward with the
+    """``forward=`` replaces the model call (here fastchgnet.compile.CompiledForward with the
     eager backend): same energy, forces, stress and magmoms; no per-site energies then."""
-    compiled = pytest.importorskip("fastchgnet.md.compiled")
+    compiled = pytest.importorskip("fastchgnet.compile")
     net = _small()
     atoms = strained_si()
     atoms.calc = CHGNetCalculator(net)

@@ -7,14 +7,17 @@ the graphs run eagerly, which keeps compilation fast. One slow test runs Inducto
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import numpy as np
 import pytest
 import torch
 
+from fastchgnet.compile import CompileCounter, CompiledStep, compile_blocks, uncompile_blocks
 from fastchgnet.data import build_graphs, collate
 from fastchgnet.data.prototypes import random_structures
 from fastchgnet.model import CHGNet, DecoupledCHGNet, HeadsCHGNet
-from fastchgnet.model.compile import CompileCounter, CompiledStep, compile_blocks, uncompile_blocks
 from fastchgnet.train.loss import EFSMLoss, collate_targets
 
 SMALL = dict(atom_fea_dim=16, bond_fea_dim=16, angle_fea_dim=16, num_radial=7, num_angular=7,
@@ -92,7 +95,7 @@ def test_compiled_blocks_equal_eager_without_graph_breaks_or_recompiles(cls, poo
     warm, recompiles = _recompiles_after_warmup(lambda b, t: m(b, task="efsm"), batches, cc)
     assert recompiles <= 2, f"{recompiles} recompilations over 50 batches"
     uncompile_blocks(m)
-    assert m._compiled_interaction is None
+    assert m.compiled_block is None
 
 
 def test_second_order_training_falls_back_to_eager_blocks(pool):
@@ -166,3 +169,22 @@ def test_inductor_compiled_heads_step_equals_eager(pool):
     step = CompiledStep(comp_m, loss_fn, torch.optim.SGD(comp_m.parameters(), 1e-3))
     opt = torch.optim.SGD(eager_m.parameters(), 1e-3)
     _same_updates(step, comp_m, eager_m, opt, loss_fn, batches, rtol=1e-6)
+
+
+@pytest.mark.parametrize("old, new", [("fastchgnet.model.compile", "fastchgnet.compile"),
+                                      ("fastchgnet.md.compiled", "fastchgnet.compile"),
+                                      ("fastchgnet.md.batched", "fastchgnet.sim")])
+def test_deprecated_modules_warn_and_reexport(old, new):
+    """The old module paths still import, warn, and hand out the very objects of the new place."""
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=rf"{old} moved to .*removed in 0\.2"):
+        shim = importlib.import_module(old)
+    home = importlib.import_module(new)
+    homes = [home, *(m for n, m in list(sys.modules.items()) if n.startswith(new + ".")),
+             *(importlib.import_module(m) for m in ("fastchgnet.keys", "fastchgnet.units",
+                                                    "fastchgnet.nn.scatter"))]
+    for name in shim.__all__:
+        obj = getattr(shim, name)
+        assert any(obj is v for m in homes for v in vars(m).values()), f"{old}.{name}"
+    public = [n for n in shim.__all__ if not n.startswith("_") and hasattr(home, n)]
+    assert public and all(getattr(shim, n) is getattr(home, n) for n in public)

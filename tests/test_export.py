@@ -1,4 +1,4 @@
-"""Fast inference (fastchgnet.md.compiled): compiled forward == eager with no graph break,
+"""Fast inference (fastchgnet.compile): compiled forward == eager with no graph break,
 padding to size buckets leaves the outputs unchanged, the exported program (torch.export and
 AOTInductor) == eager and runs in a process that never imports fastchgnet."""
 
@@ -16,9 +16,8 @@ import torch
 import fastchgnet
 from fastchgnet.data import build_graph, collate
 from fastchgnet.data.prototypes import make
-from fastchgnet.md.compiled import (CompiledForward, CUDAGraphForward, batch_args, bucket,
-                                    export_model, load_exported, pad_batch, save_exported)
-from fastchgnet.model.compile import CompileCounter
+from fastchgnet.compile import (CompileCounter, CompiledForward, CUDAGraphForward, batch_args, bucket,
+                                export_model, load_exported, pad_batch, save_exported)
 from fastchgnet.model.heads import HeadsCHGNet
 
 from conftest import small_config
@@ -74,7 +73,7 @@ def test_padding_leaves_outputs_unchanged(kind):
 def test_compiled_forward_one_graph_and_equal_to_eager():
     from torch._dynamo.utils import counters
 
-    from fastchgnet.md.batched import BatchedMD, BatchPotential
+    from fastchgnet.sim import BatchedMD, BatchPotential
 
     model = _model("exact", torch.float64)
     b1, b2 = _batches(torch.float64)

@@ -91,8 +91,12 @@ def test_relax_positions_only_and_files(calc, tmp_path):
     cell = atoms.cell[:].copy()
     res = StructOptimizer(calc).relax(atoms, fmax=0.05, relax_cell=False, loginterval=2,
                                       trajectory=tmp_path / "r.traj", logfile=tmp_path / "r.log")
-    assert res.converged and res.atoms is atoms
+    assert res.converged and res.atoms is atoms and res.structure is atoms
     np.testing.assert_allclose(atoms.cell[:], cell)
+    # the RelaxResult shared with fastchgnet.sim.relax: final forces and stress too
+    np.testing.assert_allclose(res.forces, atoms.get_forces())
+    assert res.stress.shape == (3, 3) and res.n_steps == res.steps and res.smax == 0.0
+    assert np.linalg.norm(res.forces, axis=1).max() == pytest.approx(res.fmax)
     frames = read(tmp_path / "r.traj", ":")
     rows = np.loadtxt(tmp_path / "r.log", ndmin=2)
     assert len(frames) == len(rows) == len(res.trajectory)
@@ -113,6 +117,7 @@ def test_relax_structure_from_pymatgen(calc):
     assert isinstance(res.final_structure, Structure) and len(res.final_structure) == 8
     np.testing.assert_allclose(res.final_structure.lattice.matrix, res.atoms.cell[:], atol=1e-8)
     assert len(res.final_structure.site_properties["magmom"]) == 8
+    assert res.structure is res.final_structure  # the input's type
 
 
 def test_relax_bad_options(calc):

@@ -1,10 +1,13 @@
-"""Inference: ASE calculator, relaxation, molecular dynamics.
+"""ASE-side inference: calculator, relaxation, molecular dynamics.
 
-``CHGNetCalculator`` (ASE calculator of any fastchgnet model), ``StructOptimizer`` / ``relax``
-(FIRE/BFGS with ``FrechetCellFilter``) and ``MolecularDynamics`` (NVE, NVT, NPT); batched
-relaxation and MD on many structures at once (``fastchgnet.md.batched.relax``, ``BatchedMD``); compiled, CUDA-graph and
-exported inference (``CompiledForward``, ``CUDAGraphForward``, ``save_exported``,
-``load_exported``). Submodules are imported on first use, so ``import fastchgnet.md`` stays light.
+``CHGNetCalculator`` (ASE calculator of any fastchgnet model), ``StructOptimizer`` /
+``relax_structure`` (FIRE/BFGS with ``FrechetCellFilter``) and ``MolecularDynamics`` (NVE, NVT,
+NPT with ASE's integrators). For convenience this namespace also re-exports the torch-native
+batched simulator of :mod:`fastchgnet.sim` (``BatchedMD``, ``BatchPotential``) and the compiled,
+CUDA-graph and exported inference of :mod:`fastchgnet.compile` (``CompiledForward``,
+``CUDAGraphForward``, ``save_exported``, ``load_exported``). ``RelaxResult`` (defined in
+:mod:`fastchgnet.sim.result`) is what both relaxers return. Submodules are imported on first use,
+so ``import fastchgnet.md`` stays light.
 """
 
 from __future__ import annotations
@@ -17,16 +20,16 @@ _EXPORTS = {
     "make_calculator": "fastchgnet.md.calculator",
     "MolecularDynamics": "fastchgnet.md.dynamics",
     "estimate_bulk_modulus": "fastchgnet.md.dynamics",
-    "RelaxResult": "fastchgnet.md.relax",
+    "RelaxResult": "fastchgnet.sim.result",
     "StructOptimizer": "fastchgnet.md.relax",
     "relax_structure": "fastchgnet.md.relax",
     # batched simulation and compiled / exported inference
-    "BatchedMD": "fastchgnet.md.batched",
-    "BatchPotential": "fastchgnet.md.batched",
-    "CompiledForward": "fastchgnet.md.compiled",
-    "CUDAGraphForward": "fastchgnet.md.compiled",
-    "load_exported": "fastchgnet.md.compiled",
-    "save_exported": "fastchgnet.md.compiled",
+    "BatchedMD": "fastchgnet.sim.dynamics",
+    "BatchPotential": "fastchgnet.sim.potential",
+    "CompiledForward": "fastchgnet.compile.forward",
+    "CUDAGraphForward": "fastchgnet.compile.forward",
+    "load_exported": "fastchgnet.compile.export",
+    "save_exported": "fastchgnet.compile.export",
 }
 
 __all__ = sorted(_EXPORTS)

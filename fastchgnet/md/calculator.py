@@ -19,11 +19,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 from ase.units import GPa
 
 from fastchgnet.data.batch import Batch, collate
+from fastchgnet.data.device_graph import make_builder
 from fastchgnet.data.graph import build_graph
+from fastchgnet.device import resolve_device
+from fastchgnet.keys import ENERGY, FORCES, MAGMOMS, SITE_ENERGIES, STRESS
+from fastchgnet.model.weights import load_model
 
 __all__ = ["CHGNetCalculator", "as_atoms", "make_calculator", "resolve_model", "voigt_stress"]
 
@@ -43,8 +48,6 @@ def resolve_model(model: Any = "0.3.0", device: str | torch.device | None = None
         dtype: parameter dtype (e.g. ``torch.float64``); None keeps the model's (float32 for the
             published weights).
     """
-    from fastchgnet.bench import resolve_device
-
     if isinstance(model, torch.nn.Module):
         if device is not None:
             model = model.to(resolve_device(str(device)))
@@ -54,8 +57,6 @@ def resolve_model(model: Any = "0.3.0", device: str | torch.device | None = None
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a pretrained name, a checkpoint path or a fastchgnet model, "
                         f"got {type(model).__name__}")
-    from fastchgnet.model.weights import load_model
-
     net = load_model(model, device=resolve_device(None if device is None else str(device)),
                      dtype=dtype)
     # inference only: without parameter gradients autograd keeps less for the force pass
@@ -87,7 +88,7 @@ class CHGNetCalculator(Calculator):
         task: the outputs computed per call (``"efsm"`` default; ``"ef"`` skips stress and
             magnetic moments, e.g. for NVE/NVT MD where only forces matter).
         forward: replaces the model call: ``forward(batch, task) -> outputs``, e.g.
-            ``fastchgnet.md.compiled.CompiledForward(model)`` or ``CUDAGraphForward(model)``
+            ``fastchgnet.compile.CompiledForward(model)`` or ``CUDAGraphForward(model)``
             (without per-site energies in its outputs, ``energies`` is not available).
         **kwargs: passed to :class:`ase.calculators.calculator.Calculator`.
 
@@ -169,8 +170,6 @@ class CHGNetCalculator(Calculator):
 
     def _device_batch(self, atoms: Any) -> Batch:
         if self._device_graph is None:
-            from fastchgnet.data.device_graph import make_builder
-
             self._device_graph = make_builder(
                 self.model, skin=self.skin, on_isolated_atoms=self.on_isolated_atoms)
         self._device_graph.verlet.names = [_label(atoms)]  # error messages name the structure
@@ -197,18 +196,19 @@ class CHGNetCalculator(Calculator):
         n = len(atoms)
         # one device -> host copy per output at the ASE boundary
         arr = {k: v.detach().to("cpu", torch.float64).numpy() for k, v in out.items()
-               if k in ("e", "f", "s", "m", "site_energies")}
-        energy = float(arr["e"][0]) * n if self.model.config.is_intensive else float(arr["e"][0])
+               if k in (ENERGY, FORCES, STRESS, MAGMOMS, SITE_ENERGIES)}
+        e = float(arr[ENERGY][0])
+        energy = e * n if self.model.config.is_intensive else e
         self.results["energy"] = energy
         self.results["free_energy"] = energy
-        if "site_energies" in arr:
-            self.results["energies"] = arr["site_energies"]
-        if "f" in arr:
-            self.results["forces"] = arr["f"]
-        if "s" in arr:
-            self.results["stress"] = voigt_stress(arr["s"][0])
-        if "m" in arr:
-            self.results["magmoms"] = arr["m"]
+        if SITE_ENERGIES in arr:
+            self.results["energies"] = arr[SITE_ENERGIES]
+        if FORCES in arr:
+            self.results["forces"] = arr[FORCES]
+        if STRESS in arr:
+            self.results["stress"] = voigt_stress(arr[STRESS][0])
+        if MAGMOMS in arr:
+            self.results["magmoms"] = arr[MAGMOMS]
 
     def get_magnetic_moments(self, atoms: Any = None) -> np.ndarray:
         """Per-site magnetic moment magnitudes (μB)."""
@@ -225,8 +225,6 @@ def _label(atoms: Any) -> str:
 
 def as_atoms(structure: Any) -> Any:
     """An ASE ``Atoms`` for a pymatgen ``Structure`` (converted) or an ``Atoms`` (as is)."""
-    from ase import Atoms
-
     if isinstance(structure, Atoms):
         return structure
     if hasattr(structure, "lattice") and hasattr(structure, "sites"):

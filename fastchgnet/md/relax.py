@@ -5,47 +5,26 @@
 quantities, not on the filter's generalised forces: the largest atomic force ``≤ fmax`` (eV/Å)
 and, when the cell relaxes, the largest stress component ``≤ smax`` (GPa; measured from the target
 ``-pressure``). Trajectory and log files are written and flushed every ``loginterval`` steps.
+It returns the :class:`~fastchgnet.sim.result.RelaxResult` of the batched relaxer as well.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from ase import units
+from ase.stress import voigt_6_to_full_3x3_stress
 
 from fastchgnet.md.calculator import as_atoms, make_calculator
 from fastchgnet.md.dynamics import FrameRecorder, TextLog, TrajectoryWriter
+from fastchgnet.sim.result import RelaxResult
 
 __all__ = ["OPTIMIZERS", "RelaxResult", "StructOptimizer", "relax_structure"]
 
 OPTIMIZERS = ("FIRE", "BFGS", "LBFGS", "BFGSLineSearch", "LBFGSLineSearch", "MDMin", "GPMin")
-
-
-@dataclass
-class RelaxResult:
-    """Outcome of a relaxation.
-
-    ``atoms`` is the relaxed ASE ``Atoms`` (the input object when one was given) and
-    ``final_structure`` its pymatgen ``Structure`` with the predicted ``magmom`` site property
-    (as chgnet's ``StructOptimizer.relax``). ``fmax`` (eV/Å) and ``smax`` (GPa) are the final
-    largest force and stress residual; ``energy`` the final total energy (eV).
-    """
-
-    atoms: Any
-    final_structure: Any
-    converged: bool
-    steps: int
-    energy: float
-    fmax: float
-    smax: float
-    trajectory: FrameRecorder
-
-    def __getitem__(self, key: str) -> Any:  # chgnet-style access: result["final_structure"]
-        return getattr(self, key)
 
 
 def _optimizer_class(optimizer: Any) -> Any:
@@ -107,6 +86,10 @@ class StructOptimizer:
     ) -> RelaxResult:
         """Relax ``atoms`` (ASE ``Atoms``, relaxed in place, or a pymatgen ``Structure``).
 
+        Returns a :class:`RelaxResult` with every field filled: ``structure`` of the input's
+        type, ``atoms`` (the relaxed ``Atoms``, with the calculator), ``final_structure`` (pymatgen,
+        with the ``magmom`` site property), ``trajectory`` (a :class:`FrameRecorder`).
+
         Args:
             fmax: force criterion (eV/Å): the largest atomic force.
             smax: stress criterion (GPa): the largest component of ``σ + pressure·I`` (only with
@@ -124,7 +107,8 @@ class StructOptimizer:
 
         if fmax <= 0 or (relax_cell and smax <= 0) or loginterval < 1:
             raise ValueError("fmax and smax must be > 0 and loginterval >= 1")
-        atoms = as_atoms(atoms)
+        given = atoms
+        atoms = as_atoms(given)
         atoms.calc = self.calculator
         target = atoms
         if relax_cell:
@@ -157,9 +141,15 @@ class StructOptimizer:
                 writer.close()
             if log is not None:
                 log.close()
-        return RelaxResult(atoms=atoms, final_structure=_structure_with_magmoms(atoms),
-                           converged=converged, steps=n, energy=float(atoms.get_potential_energy()),
-                           fmax=f_now, smax=s_now, trajectory=record)
+        final = _structure_with_magmoms(atoms)
+        voigt = atoms.calc.results.get("stress")
+        return RelaxResult(structure=atoms if atoms is given else final,
+                           energy=float(atoms.get_potential_energy()), converged=converged, steps=n,
+                           forces=np.array(atoms.get_forces()),
+                           stress=(None if voigt is None
+                                   else voigt_6_to_full_3x3_stress(voigt) / units.GPa),
+                           fmax=f_now, smax=s_now, atoms=atoms, final_structure=final,
+                           trajectory=record)
 
 
 def _stress_residual(atoms: Any, pressure: float) -> float:
