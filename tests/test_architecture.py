@@ -6,6 +6,7 @@
 * ``kernels/`` (``fastchgnet.kernels``) imports nothing else of fastchgnet: the dispatch point
   (``fastchgnet.nn.fused``) lives on the nn side only;
 * the library does not import its own deprecated compatibility modules;
+* each room (subpackage) imports only the rooms below it (``ROOMS``, as in docs/architecture.md);
 * no source file over 700 lines.
 """
 
@@ -24,6 +25,23 @@ COMPAT = {"fastchgnet.bench_train", "fastchgnet.bench_trainer", "fastchgnet.benc
           "fastchgnet.bench_md", "fastchgnet.bench_scaling", "fastchgnet.md.batched",
           "fastchgnet.md.compiled", "fastchgnet.model.compile", "fastchgnet.train.trainer"}
 LEAVES = ("fastchgnet.bench", "fastchgnet.cli", "fastchgnet.__main__")
+# what each room may import besides itself and the foundations (units, keys, device, tables),
+# which import nothing of ours; the data flow of docs/architecture.md, top to bottom
+FOUNDATIONS = {"units", "keys", "device", "tables"}
+ROOMS = {
+    "kernels": set(),
+    "nn": {"kernels"},
+    "data": set(),
+    "model": {"nn", "data"},
+    "sim": {"nn", "data", "model"},
+    "compile": {"kernels", "data", "model"},
+    "md": {"data", "model", "sim", "compile"},
+    "train": {"data", "model", "compile"},
+    "": {"data", "model", "md"},  # the package itself (public API; md imported lazily)
+    "bench": {"kernels", "nn", "data", "model", "sim", "compile", "md", "train", ""},
+    "cli": {"bench", "data", "model", "sim", "compile", "md", "train", ""},
+    "__main__": {"cli"},
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -127,6 +145,24 @@ def test_kernels_import_nothing_else_of_fastchgnet():
 def test_library_does_not_import_compat_modules():
     bad = [f"{m} imports {t}" for m, ts in GRAPH.items() if m not in COMPAT
            for t in ts if t in COMPAT]
+    assert bad == []
+
+
+def _room(name: str) -> str:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_rooms_import_only_the_rooms_below_them():
+    bad = []
+    for m, ts in GRAPH.items():
+        if m in COMPAT:
+            continue
+        own = _room(m)
+        assert own in ROOMS or own in FOUNDATIONS, f"{m}: a new room? add it to ROOMS and the docs"
+        allowed = set() if own in FOUNDATIONS else ROOMS[own]
+        bad += [f"{m} imports {t}" for t in ts
+                if _room(t) != own and _room(t) not in FOUNDATIONS | allowed]
     assert bad == []
 
 
