@@ -12,25 +12,17 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 
-from fastchgnet.data.graph import MAX_ATOMIC_NUMBER
 from fastchgnet.data.readers.common import (ASE_VOIGT_PAIRS, STRESS_SIGNS, STRESS_UNITS, BadEntry, Sample,
-                                            _guarded, _is_missing, _stress33, _suffix, make_sample)
+                                            _guarded, _is_missing, _stress33, _suffix, check_atoms,
+                                            make_sample)
 
 def _atoms_to_structure(atoms: Any) -> Any:
     from pymatgen.core import Lattice, Structure
 
     z = np.asarray(atoms.get_atomic_numbers(), dtype=np.int64)
-    if z.size == 0:
-        raise BadEntry("empty structure", "structure is empty (no atoms)")
-    bad = (z < 1) | (z > MAX_ATOMIC_NUMBER)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise BadEntry("unknown element", f"structure has atomic number {int(z[i])} at site {i}; "
-                       f"the model covers Z = 1..{MAX_ATOMIC_NUMBER}")
     cell = np.asarray(atoms.get_cell()[:], dtype=np.float64)
     pos = np.asarray(atoms.get_positions(), dtype=np.float64)
-    if not (np.isfinite(cell).all() and np.isfinite(pos).all()):
-        raise BadEntry("non-finite", "structure has a NaN or inf coordinate or lattice vector")
+    check_atoms(z, pos, cell)
     if not abs(float(np.linalg.det(cell))) > 1e-6:
         raise BadEntry("bad structure", "structure has no (or a singular) cell; periodic cells only")
     lattice = Lattice(cell, pbc=tuple(bool(p) for p in atoms.get_pbc()))

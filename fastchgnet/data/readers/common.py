@@ -131,6 +131,22 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, (list, tuple)) and len(value) == 0)
 
 
+def check_atoms(z: np.ndarray, pos: np.ndarray, lat: np.ndarray) -> int:
+    """Check atomic numbers (some, all within 1..94) and finite coordinates and lattice; return
+    the number of atoms. Raises :class:`BadEntry` naming the problem."""
+    n = int(z.shape[0])
+    if n == 0:
+        raise BadEntry("empty structure", "structure is empty (no atoms)")
+    bad = (z < 1) | (z > MAX_ATOMIC_NUMBER)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise BadEntry("unknown element", f"structure has atomic number {int(z[i])} at site {i}; "
+                       f"the model covers Z = 1..{MAX_ATOMIC_NUMBER}")
+    if not (np.isfinite(pos).all() and np.isfinite(lat).all()):
+        raise BadEntry("non-finite", "structure has a NaN or inf coordinate or lattice vector")
+    return n
+
+
 def check_structure(structure: Any) -> int:
     """Check what the readers guarantee about a structure; return its number of atoms.
 
@@ -142,16 +158,7 @@ def check_structure(structure: Any) -> int:
         z, pos, lat, _ = structure_arrays(structure)
     except (ValueError, TypeError) as exc:
         raise BadEntry("bad structure", f"structure {exc}") from None
-    n = int(z.shape[0])
-    if n == 0:
-        raise BadEntry("empty structure", "structure is empty (no atoms)")
-    bad = (z < 1) | (z > MAX_ATOMIC_NUMBER)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise BadEntry("unknown element", f"structure has atomic number {int(z[i])} at site {i}; "
-                       f"the model covers Z = 1..{MAX_ATOMIC_NUMBER}")
-    if not (np.isfinite(pos).all() and np.isfinite(lat).all()):
-        raise BadEntry("non-finite", "structure has a NaN or inf coordinate or lattice vector")
+    n = check_atoms(z, pos, lat)
     vol = abs(float(np.linalg.det(lat)))
     if not vol > 1e-6:
         raise BadEntry("bad structure", f"structure has a singular lattice (volume {vol:.3g} Å^3)")
