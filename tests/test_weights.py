@@ -190,3 +190,20 @@ def test_config_round_trip():
     assert again == cfg
     with pytest.raises(ValueError):
         fastchgnet.CHGNetConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_a_chgnet_model_object_converts_to_the_same_predictions():
+    """A reference ``chgnet.model.CHGNet`` object (what chgnet users hold) converts to an exact
+    model with the same weights."""
+    chgnet = pytest.importorskip("chgnet.model")
+    from fastchgnet.model.weights import from_chgnet_model, is_chgnet_model
+
+    ref = chgnet.CHGNet.load(verbose=False)
+    ours = from_chgnet_model(ref)
+    assert is_chgnet_model(ref) and not is_chgnet_model(ours)
+    base = fastchgnet.load_model("0.3.0")
+    assert ours.version == base.version
+    for (k, a), (k2, b) in zip(ours.state_dict().items(), base.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    with pytest.raises(TypeError, match="expected a chgnet.model.CHGNet"):
+        from_chgnet_model(base)

@@ -172,6 +172,25 @@ def from_chgnet_state_dict(sd: dict[str, Tensor], model_args: dict[str, Any]) ->
     return net
 
 
+def is_chgnet_model(obj: Any) -> bool:
+    """Whether ``obj`` looks like a reference ``chgnet.model.CHGNet`` (duck-typed: the package
+    is never imported here)."""
+    return (isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "model_args", None), dict)
+            and type(obj).__module__.startswith("chgnet."))
+
+
+def from_chgnet_model(obj: Any) -> CHGNet:
+    """An exact fastchgnet model with the weights of a reference ``chgnet.model.CHGNet`` object
+    (on the CPU, in its parameter dtype, in eval mode; ``version`` kept)."""
+    if not is_chgnet_model(obj):
+        raise TypeError(f"expected a chgnet.model.CHGNet, got {type(obj).__module__}.{type(obj).__name__}")
+    sd = {k: v.detach().cpu() for k, v in obj.state_dict().items()}
+    net = from_chgnet_state_dict(sd, dict(obj.model_args))
+    net.version = obj.model_args.get("version")
+    dtype = next(iter(sd.values())).dtype
+    return net.to(dtype).eval()
+
+
 def _mlp_linears(prefix: str, hidden: int) -> list[str]:
     """Prefixes of the Linear layers of a reference ``MLP`` (first, then the output layer)."""
     return [f"{prefix}.layers.0", f"{prefix}.layers.3"] if hidden > 0 else [f"{prefix}.layers.1"]
