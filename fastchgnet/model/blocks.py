@@ -19,6 +19,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from fastchgnet.nn.scatter import segment_sum
+
 __all__ = ["BLOCKS", "Block", "decoupled_block", "exact_block"]
 
 Block = Callable[..., tuple[Tensor, Tensor, Tensor]]
@@ -69,7 +71,7 @@ def decoupled_block(m: Any, i: int, atom: Tensor, bond: Tensor, angle: Tensor, b
 
     weight = bw_bg.index_select(0, b1) * bw_bg.index_select(0, b2)
     upd = bc.tail(pre_bc, weight)
-    summed = bond.new_zeros(bond.shape).index_add_(0, b1, upd)
+    summed = segment_sum(upd, b1, bond.shape[0])
     new_bond = (bc.mlp_out(summed) if bc.mlp_out is not None else summed) + bond
     new_angle = au.tail(pre_au) + angle
     return new_atom, new_bond, new_angle

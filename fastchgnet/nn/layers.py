@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastchgnet.nn import fused
+from fastchgnet.nn.scatter import segment_sum
 
 
 class GatedTail(nn.Module):
@@ -89,7 +90,7 @@ class AtomConv(nn.Module):
         pre = p_center.index_select(0, src_dir) + p_nbr.index_select(0, dst_dir)
         pre = (pre.view(2, -1, w2) + q).view(-1, w2)
         msg = self.tail(pre, bond_weight)  # both directions share their bond's weight row
-        new = atom.new_zeros(atom.shape).index_add_(0, src_dir, msg)
+        new = segment_sum(msg, src_dir, atom.shape[0])
         return self.mlp_out(new) + atom
 
 
@@ -127,7 +128,7 @@ class BondConv(nn.Module):
                 center: Tensor, b1: Tensor, b2: Tensor) -> Tensor:
         weight = bond_weight.index_select(0, b1) * bond_weight.index_select(0, b2)
         upd = self.gated(atom, bond, angle, center, b1, b2, weight)
-        new = bond.new_zeros(bond.shape).index_add_(0, b1, upd)
+        new = segment_sum(upd, b1, bond.shape[0])
         return self.mlp_out(new) + bond
 
 
