@@ -78,3 +78,17 @@ def use_triton(x: Tensor) -> bool:
             "fastchgnet's kernels are first imported"
         )
     return True
+
+
+# the dispatchers moved to the nn side (kernels import nothing of fastchgnet.nn, so no alias can
+# forward to them from here): name the new place instead of a bare AttributeError
+_MOVED = {"radial_bases", "angle_basis", "gated_epilogue"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        raise AttributeError(
+            f"fastchgnet.kernels.{name} moved to fastchgnet.nn.fused.{name} (the one dispatch "
+            f"point between the Triton kernel and the torch reference); the kernel itself is in "
+            f"fastchgnet.kernels.{ {'radial_bases': 'radial', 'angle_basis': 'angle', 'gated_epilogue': 'gated'}[name]}")
+    raise AttributeError(f"module 'fastchgnet.kernels' has no attribute {name!r}")

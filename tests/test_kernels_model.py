@@ -195,3 +195,14 @@ def test_decoupled_model_with_kernels_equals_torch_path(device, monkeypatch):
     assert set(ker_grads) == set(ref_grads)
     for name, g in ref_grads.items():
         torch.testing.assert_close(ker_grads[name], g, rtol=1e-8, atol=1e-8, msg=name)
+
+
+def test_moved_dispatchers_name_their_new_place():
+    import fastchgnet.kernels as k
+
+    for name in ("radial_bases", "angle_basis", "gated_epilogue"):
+        with pytest.raises(AttributeError, match=f"fastchgnet.nn.fused.{name}"):
+            getattr(k, name)
+    from fastchgnet.kernels import radial  # submodules still import through the package
+
+    assert callable(radial.radial_bases)
