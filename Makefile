@@ -12,7 +12,7 @@ HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 TORCH_SPEC ?= $(if $(HAS_NVIDIA),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench env clean
+.PHONY: demo test bench bench-check bench-baseline env clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,21 @@ demo: env
 test: env
 	$(PY) -m pytest tests -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
+# speed ratios against chgnet, saved as pytest-benchmark JSON (extra_info["ratio"] per case)
+BENCH_JSON ?= .benchmarks/latest.json
+BENCH_ARGS ?=
 bench: env
-	$(PY) -m pytest benchmarks --benchmark-only -q
+	mkdir -p $(dir $(BENCH_JSON))
+	$(PY) -m pytest benchmarks --benchmark-only -q --benchmark-json=$(BENCH_JSON) $(BENCH_ARGS)
+
+# the regression gate: fails, naming the case, when a ratio fell more than the margin below
+# benchmarks/baseline.json (run `make bench` first)
+bench-check: env
+	$(PY) -m fastchgnet.bench.gate check $(BENCH_JSON)
+
+# write benchmarks/baseline.json from the last `make bench` (commit it, with the machine it names)
+bench-baseline: env
+	$(PY) -m fastchgnet.bench.gate update $(BENCH_JSON)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks build *.egg-info
