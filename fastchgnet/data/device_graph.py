@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from fastchgnet.data.batch import Batch
-from fastchgnet.data.graph import DEFAULT_MIN_DISTANCE, MAX_ATOMIC_NUMBER, OnIsolated, structure_arrays
+from fastchgnet.data.graph import (DEFAULT_MIN_DISTANCE, MAX_ATOMIC_NUMBER, OnIsolated, graph_size_problems,
+                                   structure_arrays)
 
 # (atom, stencil-slab) entries expanded at once during a rebuild. Each entry expands to the atoms
 # of one slab (2-4 at crystal densities with slabs of half of a 6-7 Å cutoff), so a chunk holds
@@ -135,13 +136,20 @@ def _frac(pos: Tensor, inv_lattice: Tensor, atom_graph: Tensor) -> Tensor:
 
 
 def neighbor_pairs(positions: Tensor, lattice: Tensor, atom_graph: Tensor, n_atoms: Tensor,
-                   pbc: Tensor, cutoff: float, chunk: int = DEFAULT_CHUNK
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+                   pbc: Tensor, cutoff: float, chunk: int = DEFAULT_CHUNK, *,
+                   bond_cutoff: float | None = None, min_distance: float = 0.0,
+                   names: Sequence[Any] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """All undirected pairs within ``cutoff`` (Å), each once in its canonical direction.
 
     Returns ``(src, dst, image)`` (int64; image (n_pairs, 3)), with ``|x_src - x_dst - image @ L|
     <= cutoff`` and the canonical direction of :func:`fastchgnet.data.build_graph` (``src < dst``,
     or ``src == dst`` with the first non-zero image component positive). Cell list, no N x N matrix.
+
+    Before any pair is expanded, every structure is checked with
+    :func:`fastchgnet.data.graph.graph_size_problems` (the stencil size per atom counts as its
+    periodic images; ``bond_cutoff`` defaults to half the cutoff, ``min_distance`` 0 skips the
+    density rule): a flat, tiny or singular cell raises ValueError naming the structure (its
+    index, or ``names[index]``) instead of exhausting memory. The check rides on the first sync.
     """
     dev = positions.device
     lat = lattice.double()
@@ -157,14 +165,32 @@ def neighbor_pairs(positions: Tensor, lattice: Tensor, atom_graph: Tensor, n_ato
     nb = torch.minimum(torch.floor(BINS_PER_CUTOFF * height / r).clamp(min=1), cap)
     nb = torch.where(pbc, nb, torch.ones_like(nb))
     m = torch.where(pbc, torch.floor(r * nb / height) + 1, torch.zeros_like(nb))
+    # size check of every structure, in float64 (a flat cell's stencil overflows int64)
+    n_graphs = lattice.shape[0]
+    idx3 = atom_graph[:, None].expand(-1, 3)
+    lo = frac.new_full((n_graphs, 3), float("inf")).scatter_reduce(0, idx3, frac, "amin")
+    hi = frac.new_full((n_graphs, 3), float("-inf")).scatter_reduce(0, idx3, frac, "amax")
+    stencil_f = (2 * m + 1).prod(1)
+    n_f = n_atoms.double()
+    check = torch.cat([stencil_f[:, None], n_f[:, None], vol.abs()[:, None], height,
+                       (hi - lo).clamp(min=0), pbc.double()], 1)
+    # sync 1: grid shape, stencil sizes and the size check
+    vals = torch.cat([torch.stack([nb.prod(1).sum(), (stencil_f * n_f).sum()]),
+                      check.reshape(-1)]).tolist()
+    per_graph = np.asarray(vals[2:], dtype=np.float64).reshape(n_graphs, 12)
+    problems = graph_size_problems(
+        per_graph[:, 1], per_graph[:, 2], per_graph[:, 3:6], per_graph[:, 9:12] > 0.5, per_graph[:, 6:9],
+        atom_cutoff=float(cutoff), bond_cutoff=float(cutoff) / 2 if bond_cutoff is None else bond_cutoff,
+        min_distance=min_distance, n_images=per_graph[:, 0])
+    if problems:
+        g, msg = problems[0]
+        raise ValueError(f"structure {names[g] if names is not None else g} {msg}")
     meta = torch.cat([nb, m], 1).long()
     nb, m = meta[:, :3], meta[:, 3:]
     width = 2 * m + 1
     n_stencil = width.prod(1)  # (G,)
     n_bins = nb.prod(1)
-    # sync 1: grid shape and stencil sizes
-    sizes = torch.stack([n_bins.sum(), (n_stencil * n_atoms).sum()]).tolist()
-    total_bins, total_entries = int(sizes[0]), int(sizes[1])
+    total_bins, total_entries = int(vals[0]), int(vals[1])
 
     # wrapped Cartesian positions, in the positions' dtype (candidates are within the cutoff up
     # to round-off; callers that filter exactly add a margin)
@@ -319,7 +345,9 @@ class VerletGraph:
         # the margin keeps pairs that round-off of the wrapped coordinates could lose; the exact
         # cutoff is applied by _filter with the model's own bond-vector formula
         src, dst, img = neighbor_pairs(positions, lattice, atom_graph, n_atoms, pbc,
-                                       self.atom_cutoff + self.skin + _BIN_MARGIN, self.chunk)
+                                       self.atom_cutoff + self.skin + _BIN_MARGIN, self.chunk,
+                                       bond_cutoff=self.bond_cutoff, min_distance=self.min_distance,
+                                       names=self.names)
         inv = inverse_cell(lattice.double())[0]
         self._state = {
             "src": src, "dst": dst, "img": img, "graph": atom_graph.index_select(0, src),

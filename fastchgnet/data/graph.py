@@ -28,6 +28,27 @@ MAX_ATOMIC_NUMBER = 94  # the CHGNet 0.3.0 embedding covers H..Pu
 
 OnIsolated = Literal["error", "warn", "ignore"]
 
+# Bounds on what one structure may ask of a graph builder, checked before any neighbour search
+# (see graph_size_problems). None of them is reached by a real crystal; each is reached by a cell
+# that is flat, tiny or scaled in the wrong unit, which would otherwise run until the machine
+# kills the process for memory.
+#
+# Periodic images of the cell that the neighbour search visits, the product over periodic axes of
+# (2 ceil(r / h) + 1) for cell height h and cutoff r. The reduced cell of a real crystal has
+# heights above ~1 Å (primitive fcc Cu and diamond: 2.1 Å): at most 13^3 = 2,197 images at
+# r = 6 Å. A flat cell (height 1e-6 Å) needs ~1e7 along one axis.
+MAX_IMAGES = 100_000
+# Estimated memory of one graph build, bytes per atom (the limit is never below MIN_GRAPH_BYTES).
+# Diamond, the densest common crystal (0.18 atoms/Å^3, ~160 bonds within 6 Å and ~240 angles
+# per atom), needs ~60 kB per atom: the bound is 250 times that, reached at ~20 times diamond's
+# density.
+MAX_GRAPH_BYTES_PER_ATOM = 16 * 2**20
+MIN_GRAPH_BYTES = 2**30
+# Measured peak memory of build_graph (pymatgen's buffers included): ~100-150 bytes per directed
+# bond and ~60-80 per angle (864-atom Li9Co7O16 supercell, and one compressed 0.6x).
+BYTES_PER_BOND = 200
+BYTES_PER_ANGLE = 80
+
 
 @dataclass
 class CrystalGraph:
@@ -155,6 +176,145 @@ def _check_inputs(z: np.ndarray, pos: np.ndarray, lat: np.ndarray, max_z: int) -
         raise ValueError(f"has a singular lattice (volume {vol:.3g} Å^3)")
 
 
+def cell_heights(lattice: np.ndarray) -> tuple[float, np.ndarray]:
+    """(volume, heights): the cell volume (Å^3) and its three heights (Å), the distances between
+    opposite faces (``h_a`` is the spacing of the lattice planes spanned by b and c)."""
+    lat = np.asarray(lattice, dtype=np.float64)
+    cross = np.stack([np.cross(lat[1], lat[2]), np.cross(lat[2], lat[0]), np.cross(lat[0], lat[1])])
+    vol = abs(float(np.dot(lat[0], cross[0])))
+    return vol, vol / np.maximum(np.linalg.norm(cross, axis=1), 1e-300)
+
+
+def _fmt3(h: Sequence[float]) -> str:
+    return ", ".join(f"{float(x):.3g}" for x in h)
+
+
+def graph_size_problems(
+    n_atoms: Any,
+    volume: Any,
+    heights: Any,
+    pbc: Any,
+    spread: Any = None,
+    *,
+    atom_cutoff: float = 6.0,
+    bond_cutoff: float = 3.0,
+    min_distance: float = DEFAULT_MIN_DISTANCE,
+    n_images: Any = None,
+) -> list[tuple[int, str]]:
+    """Cells too small, flat or dense to build a graph of: ``[(index, problem), ...]``.
+
+    Vectorised over structures (arrays of shape (G,) and (G, 3)); used by :func:`build_graph`
+    and by the device graph builder before any neighbour search. Three rules, in this order:
+
+    1. **Density** (when ``min_distance > 0``): disjoint balls of diameter ``d = min_distance``
+       around the atoms fit in the cell, so ``n_atoms / V <= 6 / (pi d^3)`` (15.3 atoms/Å^3 for
+       0.5 Å; diamond has 0.18). A denser cell must have atoms closer than ``d``: this is exact,
+       not an estimate. Along a non-periodic axis the atoms' extent plus ``d`` replaces the cell.
+    2. **Images**: the neighbour search visits ``prod_k (2 ceil(r / h_k) + 1)`` periodic images
+       (``n_images`` overrides the count); more than :data:`MAX_IMAGES` means a flat or tiny cell,
+       or a lattice basis far from reduced.
+    3. **Memory**: ``n_atoms^2 (4/3) pi r^3 / V`` directed bonds within ``atom_cutoff`` and
+       ``n_atoms k^2`` angles (``k`` short bonds per atom, from the same density estimate), at
+       :data:`BYTES_PER_BOND` and :data:`BYTES_PER_ANGLE`, must stay below
+       :data:`MAX_GRAPH_BYTES_PER_ATOM` per atom (and never below :data:`MIN_GRAPH_BYTES`).
+       Along a non-periodic axis the atoms' extent, at least 4/3 of the cutoff, replaces the cell.
+
+    Args:
+        n_atoms, volume, heights: the cells (see :func:`cell_heights`); a volume that is not
+            positive and finite is a singular lattice.
+        pbc: periodic axes, (G, 3) or (3,).
+        spread: extent of the atoms' fractional coordinates per axis (read for non-periodic axes).
+    """
+    n = np.atleast_1d(np.asarray(n_atoms, dtype=np.float64))
+    g = n.shape[0]
+    vol = np.broadcast_to(np.asarray(volume, dtype=np.float64), (g,))
+    h = np.broadcast_to(np.asarray(heights, dtype=np.float64), (g, 3))
+    per = np.broadcast_to(np.asarray(pbc, dtype=bool), (g, 3))
+    f = np.zeros((g, 3)) if spread is None else np.broadcast_to(np.asarray(spread, np.float64), (g, 3))
+    d, r, rb = float(min_distance), float(atom_cutoff), min(float(bond_cutoff), float(atom_cutoff))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        singular = ~(np.isfinite(vol) & (vol > 1e-6) & np.isfinite(h).all(1) & (h > 0).all(1))
+        hs = np.where(singular[:, None], 1.0, h)
+        vs = np.where(singular, 1.0, vol)
+        # 1. density, exact
+        rho_max = 6.0 / (np.pi * d**3) if d > 0 else np.inf
+        w_pack = vs * np.prod(np.where(per, 1.0, f + d / hs), axis=1)
+        dense = n / w_pack > rho_max * (1 + 1e-9)
+        # 2. periodic images within the cutoff
+        per_axis = np.where(per, 2.0 * np.ceil(r / hs) + 1.0, 1.0)
+        images = (np.prod(per_axis, axis=1) if n_images is None
+                  else np.broadcast_to(np.asarray(n_images, dtype=np.float64), (g,)))
+        many = images > MAX_IMAGES
+        # 3. memory, estimated from the density
+        w_nbr = vs * np.prod(np.where(per, 1.0, np.maximum(f, 4.0 * r / (3.0 * hs))), axis=1)
+        bonds = n * np.minimum(n / w_nbr * 4.0 / 3.0 * np.pi * r**3, n * images)
+        short = np.minimum(n / w_nbr * 4.0 / 3.0 * np.pi * rb**3, n * images)
+        angles = n * short * short
+        need = bonds * BYTES_PER_BOND + angles * BYTES_PER_ANGLE
+        limit = np.maximum(MIN_GRAPH_BYTES, MAX_GRAPH_BYTES_PER_ATOM * n)
+        big = need > limit
+    out: list[tuple[int, str]] = []
+    for i in np.flatnonzero(singular | dense | many | big):
+        i = int(i)
+        if singular[i]:
+            out.append((i, f"has a singular lattice (volume {vol[i]:.3g} Å^3)"))
+            continue
+        cell = f"cell heights {_fmt3(h[i])} Å along a, b, c"
+        flat = None
+        if per[i].any():  # flat: one height far below the largest and below an atomic distance
+            k = int(np.argmin(np.where(per[i], h[i], np.inf)))
+            if h[i, k] < max(d, 0.5) and h[i, k] < 0.1 * float(h[i].max()):
+                flat = f"cell height {h[i, k]:.3g} Å along {'abc'[k]}"
+        ni = int(n[i])
+        if dense[i]:
+            lead = (f"has {flat} (a flat cell; {cell})" if flat
+                    else f"has a cell of {vol[i]:.3g} Å^3 ({cell})")
+            msg = (f"{lead}: {ni} atoms in {w_pack[i]:.3g} Å^3 are {n[i] / w_pack[i]:.3g} "
+                   f"atoms/Å^3, more than atoms at least {d:g} Å apart can fill "
+                   f"({rho_max:.3g}/Å^3), so some are closer than {d:g} Å. The cell is flat or too "
+                   f"small (a lattice in the wrong unit, or scaled down?)")
+        elif many[i]:
+            k = int(np.argmax(per_axis[i]))
+            msg = (f"has cell height {h[i, k]:.3g} Å along {'abc'[k]} ({cell}): the {r:g} Å cutoff "
+                   f"reaches {per_axis[i, k]:.3g} periodic images along {'abc'[k]} "
+                   f"({images[i]:.3g} in all, more than the {MAX_IMAGES:,} allowed). The cell is "
+                   f"flat or tiny, or its lattice vectors are far from reduced (reduce it, e.g. "
+                   f"Structure.get_reduced_structure())")
+        else:
+            lead = f"has {flat} ({cell}) and" if flat else "has"
+            msg = (f"{lead} ≈ {bonds[i]:.3g} bonds within {r:g} Å ({bonds[i] / n[i]:.3g} per atom) "
+                   f"and ≈ {angles[i]:.3g} angles, which would need ≈ {need[i] / 1e9:.3g} GB to "
+                   f"build, more than the {limit[i] / 1e9:.3g} GB allowed for {ni} "
+                   f"atom{'s' if ni != 1 else ''} ({MAX_GRAPH_BYTES_PER_ATOM // 2**20} MiB per "
+                   f"atom). The cell ({vol[i]:.3g} Å^3) is too small or flat for its atoms")
+        out.append((i, msg))
+    return out
+
+
+def _formula(z: np.ndarray) -> str:
+    """Element counts in order of first appearance, e.g. ``Li9Co7O16``."""
+    from pymatgen.core.periodic_table import Element
+
+    uniq, first, counts = np.unique(z, return_index=True, return_counts=True)
+    order = np.argsort(first)
+    return "".join(f"{Element.from_Z(int(uniq[i])).symbol}{int(counts[i]) if counts[i] > 1 else ''}"
+                   for i in order)
+
+
+def check_graph_size(z: np.ndarray, pos: np.ndarray, lat: np.ndarray, pbc: np.ndarray, *,
+                     atom_cutoff: float, bond_cutoff: float, min_distance: float) -> np.ndarray:
+    """Raise ValueError (naming the formula and the problem) for a cell too small, flat or dense
+    to build a graph of (:func:`graph_size_problems`); return the fractional coordinates."""
+    vol, heights = cell_heights(lat)
+    frac = np.linalg.solve(lat.T, pos.T).T
+    spread = np.ptp(frac, axis=0) if frac.shape[0] else np.zeros(3)
+    problems = graph_size_problems(z.shape[0], vol, heights, pbc, spread, atom_cutoff=atom_cutoff,
+                                   bond_cutoff=bond_cutoff, min_distance=min_distance)
+    if problems:
+        raise ValueError(f"({_formula(z)}) {problems[0][1]}")
+    return frac
+
+
 def build_graph(
     structure: Any,
     *,
@@ -180,6 +340,20 @@ def build_graph(
         min_distance: atoms closer than this (Å) raise ValueError.
         max_atomic_number: largest atomic number the model embeds.
 
+    Before the neighbour search, the cell's size is checked against the bounds of
+    :func:`graph_size_problems`, so that a flat, tiny or wrongly scaled cell raises at once
+    instead of exhausting memory:
+
+    * more atoms per volume than atoms ``min_distance`` apart can fill (6 / (pi d^3): 15.3
+      atoms/Å^3 for 0.5 Å; diamond has 0.18) — exact, e.g. a cell scaled by 0.01;
+    * more than :data:`MAX_IMAGES` (100,000) periodic images within ``atom_cutoff`` (a reduced
+      cell needs at most ~2,200 at 6 Å), e.g. a cell height of 1e-6 Å;
+    * an estimated build memory above :data:`MAX_GRAPH_BYTES_PER_ATOM` (16 MiB) per atom and
+      1 GiB in all (real crystals need < 0.1 MiB per atom), e.g. a tiny cell with
+      ``min_distance=0``.
+
+    The message names the structure, its formula, the cell heights and the estimate.
+
     Raises:
         ValueError naming the structure (index and/or id) and the problem.
     """
@@ -191,17 +365,28 @@ def build_graph(
     try:
         z, pos, lat, pbc = structure_arrays(structure)
         _check_inputs(z, pos, lat, max_atomic_number)
+        frac = check_graph_size(z, pos, lat, pbc, atom_cutoff=atom_cutoff, bond_cutoff=bond_cutoff,
+                                min_distance=min_distance)
     except ValueError as exc:
         raise ValueError(f"{who} {exc}") from None
     n_atoms = z.shape[0]
     pos = np.ascontiguousarray(pos)
     lat = np.ascontiguousarray(lat)
+    # pymatgen keeps every image of every atom inside the bounding box of the centres (+ cutoff):
+    # atoms many cells away (unwrapped MD coordinates) would blow that box up. Search with those
+    # atoms wrapped into the cell, then give the images back relative to the given positions.
+    far = np.asarray(pbc, dtype=bool) & ((frac < -2.0) | (frac >= 3.0))
+    shift = np.where(far, np.floor(frac), 0.0)
+    search_pos = pos - shift @ lat if far.any() else pos
 
     src, dst, img, dist = find_points_in_spheres(
-        pos, pos, r=float(atom_cutoff), pbc=np.ascontiguousarray(pbc, dtype=np.int64),
-        lattice=lat, tol=1e-8,
+        np.ascontiguousarray(search_pos), np.ascontiguousarray(search_pos), r=float(atom_cutoff),
+        pbc=np.ascontiguousarray(pbc, dtype=np.int64), lattice=lat, tol=1e-8,
     )
     img = np.rint(img).astype(np.int64)
+    if far.any():  # x_j - s_j L + n L - (x_i - s_i L) = x_j + (n + s_i - s_j) L - x_i
+        s = shift.astype(np.int64)
+        img = img + s[src] - s[dst]
     not_self = ~((src == dst) & (dist <= 1e-8))
     if not not_self.all():
         # a zero-distance pair of *different* atoms is caught by the min-distance check below

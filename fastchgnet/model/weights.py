@@ -8,7 +8,9 @@ parameter layout to the packed layout of :class:`~fastchgnet.model.exact.CHGNet`
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ from fastchgnet.model.config import CHGNetConfig
 from fastchgnet.model.decoupled import DecoupledCHGNet
 from fastchgnet.model.exact import CHGNet
 from fastchgnet.model.heads import HeadsCHGNet
+
+log = logging.getLogger(__name__)
 
 FORMAT_NAME = "fastchgnet"
 FORMAT_VERSION = 1
@@ -61,7 +65,10 @@ def load_model(
     Args:
         model: ``"0.3.0"`` (the published CHGNet weights, from the installed ``chgnet`` package;
             also ``"0.2.0"`` and ``"r2scan"``), or the path of a CHGNet ``.pth.tar`` or of a
-            fastchgnet checkpoint (see :func:`save_checkpoint`).
+            fastchgnet checkpoint (see :func:`save_checkpoint`). A pretrained name given as a
+            string always means the published weights, even when a file of that name exists in
+            the working directory (a warning then says so); to load such a file, pass a path
+            that is not a bare name, e.g. ``"./0.3.0"`` or ``pathlib.Path("0.3.0")``.
         device: where to put the model (default: CPU).
         dtype: parameter dtype, e.g. ``torch.float64`` (default: the checkpoint's dtype; float32
             for the CHGNet weights).
@@ -69,15 +76,29 @@ def load_model(
             Python objects besides tensors. Only for files you trust: unpickling can run code.
     """
     key = str(model)
-    if key in PRETRAINED and not Path(key).exists():
-        path = chgnet_weight_file(key)
+    if isinstance(model, str) and key in PRETRAINED:
+        # a bare pretrained name is the published weights, never a file that happens to be here
+        shadow = Path(key).exists()
+        try:
+            path = chgnet_weight_file(key)
+        except FileNotFoundError as exc:
+            if not shadow:
+                raise
+            raise FileNotFoundError(f"{exc}. (A file named {key!r} exists in {Path.cwd()}: to load "
+                                    f"it, pass './{key}' or pathlib.Path({key!r}).)") from None
+        if shadow:
+            log.warning("load_model(%r): loaded the published CHGNet %s weights (%s), not the file "
+                        "%r in %s; to load that file, pass './%s' or pathlib.Path(%r)", key, key,
+                        path, key, Path.cwd(), key, key)
         version = key
     else:
         path = Path(model)
         version = None
         if not path.is_file():
+            hint = (f"; for the published CHGNet {key} weights pass the string {key!r}"
+                    if key in PRETRAINED else "")
             raise FileNotFoundError(
-                f"{key!r} is neither a pretrained model name {PRETRAINED} nor an existing file"
+                f"{key!r} is neither a pretrained model name {PRETRAINED} nor an existing file{hint}"
             )
     ckpt = _torch_load(path, trusted=trust_checkpoint)
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT_NAME:
@@ -107,15 +128,26 @@ def _torch_load(path: Path, trusted: bool = False) -> Any:
     for files you trust.
     """
     try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = None
+    if size == 0:
+        raise ValueError(f"{path} is truncated or not a checkpoint: the file is empty (0 bytes). "
+                         "If a run was writing it when it stopped, use an earlier checkpoint.")
+    try:
         return torch.load(path, map_location="cpu", weights_only=not trusted)
     except Exception as exc:  # torch raises several types for unreadable or unsafe files
-        hint = "" if trusted else (
-            " If this is a checkpoint you trust that stores other Python objects, pass "
-            "trust_checkpoint=True."
-        )
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        if not trusted and "weights only load failed" in str(exc).lower():
+            raise ValueError(
+                f"{path} could not be read as a torch checkpoint ({type(exc).__name__}: {first}). "
+                "If this is a checkpoint you trust that stores other Python objects, pass "
+                "trust_checkpoint=True."
+            ) from exc
         raise ValueError(
-            f"{path} could not be read as a torch checkpoint ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}).{hint}"
+            f"{path} is truncated or not a checkpoint ({size} bytes; torch.load: "
+            f"{type(exc).__name__}: {first}). If a run was writing it when it stopped, use an "
+            "earlier checkpoint."
         ) from exc
 
 
@@ -136,7 +168,13 @@ def _from_ours(ckpt: dict, path: Path) -> CHGNet:
 
 
 def save_checkpoint(model: CHGNet, path: str | os.PathLike, **extra: Any) -> Path:
-    """Write ``{format, format_version, model_type, config, state_dict, ...extra}`` atomically."""
+    """Write ``{format, format_version, model_type, config, state_dict, ...extra}`` atomically.
+
+    The checkpoint is written to a temporary file in the same folder, flushed to disk, and renamed
+    over ``path`` only when complete, so ``path`` is never a partial file. A failed write (a full
+    disk, a quota) removes the temporary file and raises OSError naming ``path``, saying that the
+    previous file (if any) is intact, with the operating system's reason.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -149,15 +187,51 @@ def save_checkpoint(model: CHGNet, path: str | os.PathLike, **extra: Any) -> Pat
         "dtype": str(next(model.parameters()).dtype),
         **extra,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+    existed = path.is_file()
+    tmp = None
     try:
-        torch.save(payload, tmp)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        # through a Python file object, a failed write raises OSError with its errno (torch's own
+        # writer reports it only as "enforce fail at inline_container.cc")
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except Exception as exc:
+        if _is_write_failure(exc):
+            raise _write_error(path, existed, exc) from exc
+        raise  # e.g. an ``extra`` entry that cannot be pickled: not an I/O problem
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """An I/O failure: an OSError in the chain, or torch's writer reporting one."""
+    chain = (exc, exc.__cause__, exc.__context__)
+    return (any(isinstance(e, OSError) for e in chain)
+            or any(w in str(exc) for w in ("inline_container", "PytorchStreamWriter")))
+
+
+def _write_error(path: Path, existed: bool, exc: BaseException) -> OSError:
+    """OSError for a failed checkpoint write: the file, what is intact, the OS reason."""
+    err = next((e for e in (exc, exc.__cause__, exc.__context__)
+                if isinstance(e, OSError) and e.errno is not None), None)
+    if err is not None:
+        reason = f"{os.strerror(err.errno)} [errno {err.errno}]"
+    else:
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        try:
+            free = shutil.disk_usage(path.parent).free
+            reason += f" ({free / 2**20:.1f} MiB free in {path.parent})"
+        except OSError:
+            pass
+    kept = (f"the previous {path.name} is intact" if existed else f"no {path.name} was written")
+    msg = (f"could not write checkpoint {path}: {reason}. It is written to a temporary file and "
+           f"renamed only when complete, so nothing was lost: {kept}.")
+    return OSError(err.errno, msg) if err is not None else OSError(msg)
 
 
 # ----------------------------------------------------------------------------------------------
