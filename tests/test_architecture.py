@@ -36,6 +36,7 @@ ROOMS = {
     "sim": {"nn", "data", "model"},
     "compile": {"kernels", "data", "model"},
     "md": {"data", "model", "sim", "compile"},
+    "compat": {"data", "model", "sim", "compile", "md"},  # chgnet's API on ours (above md)
     "train": {"data", "model", "compile"},
     "": {"data", "model", "md"},  # the package itself (public API; md imported lazily)
     "bench": {"kernels", "nn", "data", "model", "sim", "compile", "md", "train", ""},

@@ -229,6 +229,22 @@ def test_bad_options():
         CHGNetCalculator("/no/such/checkpoint.pt")
 
 
+def test_unknown_keywords_are_errors():
+    """No silent ``calc.parameters`` bucket: the issue's ``CHGNetCalculator(use_device="cpu",
+    stress_weight=1.0, bogus=3)`` raises, naming fastchgnet's equivalents; ASE's own arguments
+    still work."""
+    with pytest.raises(TypeError) as err:
+        CHGNetCalculator(_small(), use_device="cpu", stress_weight=1.0, bogus=3)
+    msg = str(err.value)
+    assert "use_device: fastchgnet calls this device=" in msg
+    assert "stress_weight: fastchgnet's calculator always gives the stress in eV/Å^3" in msg
+    assert "bogus: unknown" in msg and "fastchgnet.compat.chgnet" in msg
+    with pytest.raises(TypeError, match="return_site_energies: fastchgnet always puts"):
+        CHGNetCalculator(_small(), return_site_energies=True)
+    calc = CHGNetCalculator(_small(), device="cpu", label="si", directory=".")
+    assert calc.label == "si" and dict(calc.parameters) == {}
+
+
 def test_lazy_exports():
     assert fastchgnet.CHGNetCalculator is CHGNetCalculator
     from fastchgnet.md import dynamics, relax

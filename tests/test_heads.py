@@ -251,4 +251,4 @@ def test_heads_end_to_end_train_predict_evaluate_md(tmp_path):
     assert atoms.get_stress().shape == (6,)
     assert main(["md", str(cif), "--model", str(ckpt), "--device", "cpu", "--ensemble", "nve",
                  "--steps", "4", "--loginterval", "2", "--out", str(tmp_path / "md")]) == 0
-    assert (tmp_path / "md" / "md.log").is_file()
+    assert (tmp_path / "md" / f"{cif.stem}.log").is_file()  # outputs named after the input

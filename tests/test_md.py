@@ -125,6 +125,32 @@ def test_relax_bad_options(calc):
         StructOptimizer(calc, "Newton")
     with pytest.raises(ValueError, match="filter"):
         StructOptimizer(calc).relax(si8(), cell_filter="NoSuchFilter")
+    n = calc.n_calls
+    # keywords the optimiser does not take fail before anything runs; chgnet's names are explained
+    with pytest.raises(TypeError, match=r"save_path: fastchgnet writes the trajectory with trajectory="):
+        StructOptimizer(calc).relax(si8(), save_path="relax.pkl")
+    with pytest.raises(TypeError, match=r"ase_filter: fastchgnet calls this cell_filter="):
+        StructOptimizer(calc).relax(si8(), ase_filter="FrechetCellFilter")
+    with pytest.raises(TypeError, match=r"maxstepp.*FIRE, which takes .*'maxstep'"):
+        StructOptimizer(calc).relax(si8(), maxstepp=0.1)
+    with pytest.raises(TypeError, match=r"use_device: fastchgnet calls this device="):
+        StructOptimizer("0.3.0", use_device="cpu")
+    assert calc.n_calls == n
+    res = StructOptimizer(calc, "BFGS").relax(si8(rattle=0.02), steps=2, maxstep=0.05)  # accepted
+    assert res.steps <= 2
+
+
+def test_relax_progress_lines(calc, capsys):
+    """verbose=0: a progress line per step on stderr (step, energy, max|F|, max|s|); the
+    default prints nothing."""
+    StructOptimizer(calc).relax(strained_si8(), steps=3, fmax=1e-6)
+    assert capsys.readouterr().err == ""
+    StructOptimizer(calc).relax(strained_si8(), steps=3, fmax=1e-6, verbose=0)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("relax Si8: step 3/3 (100%)")
+    assert all("eV/atom" in x and "max|F|" in x and "max|s|" in x for x in lines)
+    with pytest.raises(ValueError, match="verbose"):
+        StructOptimizer(calc).relax(si8(), verbose=-1)
 
 
 def test_bulk_modulus_estimate(calc):
@@ -188,6 +214,29 @@ def test_bad_ensemble_options(calc):
         MolecularDynamics(si8(), model=calc, ensemble="nph")
     with pytest.raises(ValueError, match="thermostat"):
         MolecularDynamics(si8(), model=calc, ensemble="nvt", thermostat="mtk")
+    with pytest.raises(TypeError, match="use_device: fastchgnet calls this device="):
+        MolecularDynamics(si8(), model="0.3.0", use_device="cpu")
+    with pytest.raises(TypeError, match="bogus: unknown"):
+        MolecularDynamics(si8(), model=calc, bogus=1)
+
+
+def test_md_defaults_and_progress(calc, capsys):
+    """Our own defaults (stated in docs/md.md): NVT Langevin, 1 fs, taut 100 fs; progress lines
+    only with verbose, the last one at the last step."""
+    from ase.md.langevin import Langevin
+
+    md = MolecularDynamics(si8(rattle=0.02), model=calc)
+    assert isinstance(md.dyn, Langevin) and md.timestep == 1.0 and md.taut == 100.0
+    md.run(2)
+    assert capsys.readouterr().err == ""
+    md = MolecularDynamics(si8(rattle=0.02), model=calc, starting_temperature=300, seed=0,
+                           verbose=0)
+    md.run(3)
+    md.run(2)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 4 + 2, lines  # steps 0-3, then 4-5 (each run reports its own steps)
+    assert lines[3].startswith("md NVT Si8: step 3/3 (100%) T ") and "eV/atom" in lines[3]
+    assert lines[-1].startswith("md NVT Si8: step 5/5 (100%)")
 
 
 _KILL_SCRIPT = """
@@ -265,17 +314,20 @@ def test_cli_relax_and_md(tmp_path, capsys):
     strained_si8().write(cif)
     assert main(["relax", str(cif), "--device", "cpu", "--fmax", "0.05", "--out",
                  str(tmp_path / "rel")]) == 0
-    out = capsys.readouterr().out
-    assert "yes" in out and "Si" in out
-    relaxed = tmp_path / "rel" / "Si_cif.cif"
-    assert relaxed.is_file() and (tmp_path / "rel" / "Si_cif.traj").is_file()
+    captured = capsys.readouterr()
+    assert "yes" in captured.out and "Si" in captured.out
+    assert "relax Si8: step 0/500" in captured.err  # progress lines on stderr
+    relaxed = tmp_path / "rel" / "Si.cif"  # named after the input's stem
+    for suffix in (".cif", ".extxyz", ".traj", ".log"):
+        assert relaxed.with_suffix(suffix).is_file(), suffix
 
     assert main(["md", str(relaxed), "--device", "cpu", "--ensemble", "nvt", "--temperature", "300",
                  "--timestep", "1", "--steps", "4", "--loginterval", "2", "--out",
                  str(tmp_path / "md")]) == 0
-    assert len(read(tmp_path / "md" / "md.traj", ":")) == 3
-    assert len(np.loadtxt(tmp_path / "md" / "md.log", ndmin=2)) == 3
-    assert "ms/step" in capsys.readouterr().out
+    assert len(read(tmp_path / "md" / "Si.traj", ":")) == 3
+    assert len(np.loadtxt(tmp_path / "md" / "Si.log", ndmin=2)) == 3
+    captured = capsys.readouterr()
+    assert "ms/step" in captured.out and "md NVT Si8: step 4/4 (100%)" in captured.err
 
 
 def test_cli_md_bad_input(tmp_path, capsys):

@@ -1,18 +1,20 @@
-"""Helpers shared by the subcommands: the ``--device`` option, reading structure files, formulas,
-summaries and tables of predictions, comma-separated numbers."""
+"""Helpers shared by the subcommands: the ``--device`` option, reading structure files, output
+file names, formulas, summaries and tables of predictions, comma-separated numbers."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fastchgnet.tables import fmt_or_na, text_table
 
-__all__ = ["add_device_arg", "floats_arg", "fmt", "formula", "prediction_table", "read_structures",
-           "summarize", "text_table"]
+__all__ = ["add_device_arg", "check_new_files", "floats_arg", "fmt", "formula", "output_names",
+           "prediction_table", "read_structures", "summarize", "text_table"]
 
 
 def add_device_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
@@ -32,9 +34,42 @@ def floats_arg(text: str, n: int, what: str) -> list[float]:
     return vals
 
 
+def _is_cif(path: str) -> bool:
+    return ".cif" in Path(path).name.lower()  # pymatgen's pattern "*.cif*" (also .cif.gz, .mcif)
+
+
+def _read_cif_blocks(path: str) -> list[tuple[str, Any]]:
+    """Every data block of a CIF (``path@i`` labels when there are several); ValueError naming
+    the file when some block holds no readable structure (nothing is dropped silently)."""
+    from pymatgen.io.cif import CifParser  # lazy: see fastchgnet.cli
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            parser = CifParser(path)
+            n_blocks = len(parser.as_dict())
+            structures = parser.parse_structures(primitive=False)
+        except Exception as exc:  # pymatgen raises several types for unreadable files
+            raise ValueError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+    if not structures:
+        raise ValueError(f"cannot read {path}: no structure in its {n_blocks} CIF data block(s)")
+    if len(structures) != n_blocks:
+        why = "; ".join(dict.fromkeys(str(w.message).splitlines()[0] for w in caught
+                                      if "No structure parsed" in str(w.message)
+                                      or "Issues encountered" in str(w.message)))
+        raise ValueError(f"{path}: {n_blocks} CIF data block(s) but {len(structures)} readable "
+                         f"structure(s); fix or remove the bad block(s)" + (f" ({why})" if why else ""))
+    if len(structures) == 1:
+        return [(path, structures[0])]
+    return [(f"{path}@{i}", s) for i, s in enumerate(structures)]
+
+
 def read_structures(path: str) -> list[tuple[str, Any]]:
-    """``(label, structure)`` pairs of one file: pymatgen ``Structure.from_file`` first, then
-    ``ase.io.read`` (every frame of a multi-frame file)."""
+    """``(label, structure)`` pairs of one file: pymatgen first (every data block of a CIF), then
+    ``ase.io.read`` (every frame of a multi-frame file). Several structures in one file are
+    labelled ``path@0``, ``path@1``, ..."""
+    if _is_cif(path) and Path(path).is_file():
+        return _read_cif_blocks(path)
     errors = []
     try:
         from pymatgen.core import Structure  # lazy: see fastchgnet.cli
@@ -56,6 +91,87 @@ def read_structures(path: str) -> list[tuple[str, Any]]:
     except Exception as exc:
         errors.append(f"ase: {exc}")
     raise ValueError(f"cannot read {path}: " + "; ".join(errors))
+
+
+_FRAME = re.compile(r"^(.*)@(\d+)$")
+# ASE guesses the format of any file whose name contains one of these (POSCAR.extxyz would be
+# read as a VASP file), so output names carry them in lower case
+_ASE_NAME_MARKERS = re.compile(r"POSCAR|CONTCAR|CENTCAR|OUTCAR|XDATCAR|CONFIG")
+
+
+def _readable(name: str) -> str:
+    return _ASE_NAME_MARKERS.sub(lambda m: m.group(0).lower(), name)
+
+
+def _candidates(label: str) -> list[str]:
+    """File-name stems of increasing specificity for ``path`` or ``path@i``: the stem, the name
+    with its extension, then both under one, two, ... parent folders."""
+    m = _FRAME.match(label)
+    path, frame = (m.group(1), f"-{m.group(2)}") if m else (label, "")
+    p = Path(path)
+    stem = p.stem if p.suffix else p.name
+    parents = [x for x in p.resolve().parent.parts[1:] if x]
+    out = []
+    for k in range(len(parents) + 1):
+        above = parents[len(parents) - k:]
+        out.append(_readable("_".join(above + [stem]) + frame))
+        out.append(_readable("_".join(above + [p.name.replace(".", "_")]) + frame))
+    return out
+
+
+def output_names(labels: list[str]) -> list[str]:
+    """Distinct output-file stems, one per structure label (``path`` or ``path@i``).
+
+    Each structure is named after its file's stem (``mp1/POSCAR`` -> ``poscar``, ``Si.cif`` ->
+    ``Si``, frame 3 of ``run.extxyz`` -> ``run-3``). Only when stems collide do the colliding ones
+    get what tells them apart: their extension (``a_cif``, ``a_vasp``) or their parent folders
+    (``mp1_poscar``, ``mp2_poscar``); the same file given twice gets ``-2``, ``-3``... Names are
+    compared without case, so they stay distinct on case-insensitive file systems too. VASP file
+    names in a stem (POSCAR, CONTCAR, OUTCAR, XDATCAR...) are written in lower case: ASE takes
+    any file whose name contains ``POSCAR`` for a VASP file, whatever its extension.
+    """
+    cands = [_candidates(label) for label in labels]
+
+    def name(i: int, lv: int) -> str:
+        return cands[i][min(lv, len(cands[i]) - 1)]
+
+    level = [0] * len(labels)
+    while True:
+        groups: dict[str, list[int]] = {}
+        for i in range(len(labels)):
+            groups.setdefault(name(i, level[i]).casefold(), []).append(i)
+        moved = False
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            top = max(len(cands[i]) for i in members)
+            for lv in range(max(level[i] for i in members) + 1, top):
+                if len({name(i, lv).casefold() for i in members}) > 1:
+                    for i in members:
+                        level[i] = lv
+                    moved = True
+                    break
+        if not moved:
+            break
+    seen: dict[str, int] = {}
+    out = []
+    for i in range(len(labels)):
+        n = name(i, level[i])
+        seen[n.casefold()] = seen.get(n.casefold(), 0) + 1
+        out.append(n if seen[n.casefold()] == 1 else f"{n}-{seen[n.casefold()]}")
+    return out
+
+
+def check_new_files(paths: list[Path], overwrite: bool) -> None:
+    """FileExistsError listing the files of ``paths`` that exist, unless ``overwrite``."""
+    if overwrite:
+        return
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing:
+        more = f" and {len(existing) - 5} more" if len(existing) > 5 else ""
+        raise FileExistsError(f"{len(existing)} output file(s) exist already: "
+                              f"{', '.join(existing[:5])}{more}; pass --overwrite to replace "
+                              f"them, or choose another --out")
 
 
 def formula(s: Any) -> str:

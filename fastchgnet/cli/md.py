@@ -1,18 +1,26 @@
-"""``fastchgnet relax`` and ``fastchgnet md``: relaxation and molecular dynamics from the shell."""
+"""``fastchgnet relax`` and ``fastchgnet md``: relaxation and molecular dynamics from the shell.
+
+Outputs are named after each input file (:func:`~fastchgnet.cli.common.output_names`: the stem,
+with parent folders or the extension only where two inputs would collide) and never replace an
+existing file unless ``--overwrite`` is given; the check runs before any work. Progress lines go
+to stderr (``--quiet`` turns them off).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from fastchgnet.cli.common import add_device_arg, formula, read_structures, text_table
+from fastchgnet.cli.common import (add_device_arg, check_new_files, formula, output_names,
+                                   read_structures, text_table)
 from fastchgnet.device import resolve_device
 from fastchgnet.md.calculator import CHGNetCalculator, as_atoms
 from fastchgnet.md.dynamics import MolecularDynamics
-from fastchgnet.md.relax import StructOptimizer
+from fastchgnet.md.relax import StructOptimizer, quiet_cell_filter_warnings
 
 __all__ = ["add_md", "add_relax"]
 
@@ -35,9 +43,24 @@ def _calculator(args: argparse.Namespace):
                             on_isolated_atoms=args.on_isolated_atoms, graph=args.graph)
 
 
-def _stem(label: str) -> str:
-    """A file-name stem of a structure label (``dir/POSCAR@3`` -> ``POSCAR-3``)."""
-    return Path(label.replace("@", "-")).name.replace(".", "_")
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (default: refuse before doing any work)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+RELAX_SUFFIXES = (".cif", ".extxyz", ".traj", ".log")
+
+
+def write_relaxed(res, stem: Path) -> None:
+    """``<stem>.cif`` (pymatgen CIF with the magnetic moments as ``_atom_site_moment`` rows, read
+    back by pymatgen as the ``magmom`` site property) and ``<stem>.extxyz`` (the final frame with
+    energy, forces, stress and per-atom ``magmoms``, read back by ASE)."""
+    import ase.io
+    from pymatgen.io.cif import CifWriter
+
+    CifWriter(res.final_structure, write_magmoms=True).write_file(str(stem.with_suffix(".cif")))
+    ase.io.write(str(stem.with_suffix(".extxyz")), res.atoms, format="extxyz")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,40 +71,50 @@ def add_relax(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("relax", help="relax structures (positions and cell)",
                        description="Relax each structure with FIRE or BFGS (cell through "
                                    "FrechetCellFilter) until max|F| <= --fmax and max|stress| <= "
-                                   "--smax; writes <out>/<name>.cif, .traj and .log.")
+                                   "--smax; writes <out>/<name>.cif and .extxyz (the relaxed "
+                                   "structure with magmoms), .traj and .log, <name> being the "
+                                   "input file's stem (with its parent folder or extension where "
+                                   "two inputs would collide).")
     p.add_argument("files", nargs="+", metavar="FILE")
     add_model_args(p)
     p.add_argument("--optimizer", default="FIRE", help="FIRE, BFGS, LBFGS, ... [%(default)s]")
-    p.add_argument("--fmax", type=float, default=0.05, help="force criterion, eV/A [%(default)s]")
+    p.add_argument("--fmax", type=float, default=0.1, help="force criterion, eV/A [%(default)s]")
     p.add_argument("--smax", type=float, default=0.1, help="stress criterion, GPa [%(default)s]")
     p.add_argument("--steps", type=int, default=500, help="maximum optimiser steps [%(default)s]")
     p.add_argument("--pressure", type=float, default=0.0, help="external pressure, GPa [%(default)s]")
     p.add_argument("--no-cell", action="store_true", help="keep the cell fixed")
     p.add_argument("--loginterval", type=int, default=1, help="steps between frames [%(default)s]")
     p.add_argument("--out", default="relaxed", help="output folder [%(default)s]")
+    add_output_args(p)
     p.set_defaults(func=run_relax)
 
 
 def run_relax(args: argparse.Namespace) -> int:
     items = [item for path in args.files for item in read_structures(path)]
-    opt = StructOptimizer(_calculator(args), args.optimizer)
     out = Path(args.out)
+    stems = [out / name for name in output_names([label for label, _ in items])]
+    check_new_files([st.with_suffix(x) for st in stems for x in RELAX_SUFFIXES], args.overwrite)
+    opt = StructOptimizer(_calculator(args), args.optimizer)
     out.mkdir(parents=True, exist_ok=True)
     rows, failed = [], 0
-    for label, s in items:
-        stem = _stem(label)
-        res = opt.relax(s, fmax=args.fmax, smax=args.smax, steps=args.steps,
-                        relax_cell=not args.no_cell, pressure=args.pressure,
-                        trajectory=out / f"{stem}.traj", logfile=out / f"{stem}.log",
-                        loginterval=args.loginterval)
-        res.final_structure.to(filename=str(out / f"{stem}.cif"))
+    for (label, s), stem in zip(items, stems):
+        if not args.quiet:
+            print(f"# relaxing {label} ({formula(s)}, {len(s)} atoms) -> {stem}.*", file=sys.stderr,
+                  flush=True)
+        with quiet_cell_filter_warnings():
+            res = opt.relax(s, fmax=args.fmax, smax=args.smax, steps=args.steps,
+                            relax_cell=not args.no_cell, pressure=args.pressure,
+                            trajectory=stem.with_suffix(".traj"), logfile=stem.with_suffix(".log"),
+                            loginterval=args.loginterval, verbose=not args.quiet)
+        write_relaxed(res, stem)
         failed += not res.converged
         rows.append([label, formula(s), str(len(s)), "yes" if res.converged else "NO",
                      str(res.steps), f"{res.energy / len(s):.5f}", f"{res.fmax:.4f}",
                      f"{res.smax:.4f}", f"{res.atoms.get_volume():.2f}"])
     print(text_table(["structure", "formula", "atoms", "converged", "steps", "e eV/atom",
                       "max|F| eV/A", "max|s| GPa", "volume A^3"], rows))
-    print(f"# relaxed structures, trajectories and logs in {out}/")
+    print(f"# relaxed structures (<name>.cif, <name>.extxyz, with magmoms), trajectories and logs "
+          f"in {out}/: " + ", ".join(st.name for st in stems))
     return 1 if failed else 0
 
 
@@ -91,8 +124,10 @@ def run_relax(args: argparse.Namespace) -> int:
 
 def add_md(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("md", help="molecular dynamics of one structure",
-                       description="Run NVE, NVT or NPT molecular dynamics; the trajectory and "
-                                   "log are written and flushed every --loginterval steps.")
+                       description="Run NVE, NVT or NPT molecular dynamics; the trajectory "
+                                   "<out>/<name>.traj and log <out>/<name>.log (<name>: the input "
+                                   "file's stem) are written and flushed every --loginterval "
+                                   "steps.")
     p.add_argument("file", metavar="FILE")
     add_model_args(p)
     p.add_argument("--ensemble", default="nvt", choices=["nve", "nvt", "npt"])
@@ -110,11 +145,13 @@ def add_md(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bulk-modulus", type=float, default=None,
                    help="GPa, Berendsen barostat [estimated with the model]")
     p.add_argument("--supercell", default=None, metavar="A,B,C", help="repeat the cell first")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--loginterval", type=int, default=10, help="steps between frames [%(default)s]")
-    p.add_argument("--trajectory", default=None, help="trajectory file [<out>/md.traj]")
-    p.add_argument("--logfile", default=None, help="log file [<out>/md.log]")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the initial velocities and stochastic thermostats [random]")
+    p.add_argument("--loginterval", type=int, default=1, help="steps between frames [%(default)s]")
+    p.add_argument("--trajectory", default=None, help="trajectory file [<out>/<name>.traj]")
+    p.add_argument("--logfile", default=None, help="log file [<out>/<name>.log]")
     p.add_argument("--out", default="md", help="output folder [%(default)s]")
+    add_output_args(p)
     p.set_defaults(func=run_md)
 
 
@@ -128,16 +165,17 @@ def run_md(args: argparse.Namespace) -> int:
         if len(reps) != 3 or min(reps) < 1:
             raise ValueError(f"--supercell must be three positive integers, got {args.supercell!r}")
         atoms = atoms.repeat(reps)
-    out = Path(args.out)
-    traj = args.trajectory or out / "md.traj"
-    log = args.logfile or out / "md.log"
+    stem = Path(args.out) / output_names([frames[0][0]])[0]
+    traj = Path(args.trajectory) if args.trajectory else stem.with_suffix(".traj")
+    log = Path(args.logfile) if args.logfile else stem.with_suffix(".log")
+    check_new_files([traj, log], args.overwrite)
     start_t = args.starting_temperature if args.starting_temperature is not None else args.temperature
     md = MolecularDynamics(atoms, model=_calculator(args), ensemble=args.ensemble,
                            thermostat=args.thermostat, temperature=args.temperature,
                            starting_temperature=start_t, timestep=args.timestep,
                            pressure=args.pressure, taut=args.taut, taup=args.taup,
                            bulk_modulus=args.bulk_modulus, trajectory=traj, logfile=log,
-                           loginterval=args.loginterval, seed=args.seed)
+                           loginterval=args.loginterval, seed=args.seed, verbose=not args.quiet)
     print(f"# {args.ensemble.upper()} ({md.thermostat}) MD of {atoms.get_chemical_formula()} "
           f"({len(atoms)} atoms), {args.steps} steps of {args.timestep} fs; log {log}, "
           f"trajectory {traj}", flush=True)

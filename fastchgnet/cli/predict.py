@@ -10,7 +10,22 @@ from fastchgnet.cli.common import add_device_arg, formula, prediction_table, rea
 from fastchgnet.device import resolve_device
 from fastchgnet.model import load_model
 
-__all__ = ["add_predict"]
+__all__ = ["add_predict", "json_units"]
+
+ANGSTROM = "eV/Angstrom"
+
+
+def json_units(pred_keys: set[str], intensive: bool = True) -> dict:
+    """Units of every numeric field of a ``--json`` record, keyed as the record is."""
+    per_output = {"e": "eV/atom" if intensive else "eV (per structure)", "f": ANGSTROM,
+                  "s": "GPa (positive = tensile)", "m": "mu_B (magnitude)",
+                  "site_energies": "eV", "crystal_fea": "dimensionless", "atom_fea": "dimensionless"}
+    units: dict = {"n_atoms": "count"}
+    units.update({k: v for k, v in per_output.items() if k in pred_keys})
+    units["summary"] = {"e": per_output["e"], "fmax": f"{ANGSTROM} (largest |F|)",
+                        "pressure": "GPa (positive = compressed)", "m_mean": "mu_B",
+                        "m_max": "mu_B"}
+    return units
 
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
@@ -44,9 +59,9 @@ def run_predict(args: argparse.Namespace) -> int:
                             **{k: v.tolist() for k, v in p.items()}, "summary": summarize(p)})
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
+        keys = {k for p in preds for k in p}
         out.write_text(json.dumps({"model": str(args.model), "task": args.task,
-                                   "units": {"e": "eV/atom", "f": "eV/A", "s": "GPa (positive = tensile)",
-                                             "m": "muB"},
+                                   "units": json_units(keys, model.config.is_intensive),
                                    "predictions": records}, indent=1) + "\n")
         print(f"# saved {out}")
     return 0

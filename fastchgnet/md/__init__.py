@@ -8,6 +8,11 @@ CUDA-graph and exported inference of :mod:`fastchgnet.compile` (``CompiledForwar
 ``CUDAGraphForward``, ``save_exported``, ``load_exported``). ``RelaxResult`` (defined in
 :mod:`fastchgnet.sim.result`) is what both relaxers return. Submodules are imported on first use,
 so ``import fastchgnet.md`` stays light.
+
+These classes keep fastchgnet's own arguments and defaults, take a ``chgnet`` ``CHGNet`` object as
+a model, and reject unknown keywords (chgnet's names get a message naming ours, see
+:mod:`fastchgnet.md.options`). :mod:`fastchgnet.compat.chgnet` has chgnet's classes, arguments
+and defaults on the same calculator.
 """
 
 from __future__ import annotations

@@ -27,8 +27,9 @@ from fastchgnet.data.batch import Batch, collate
 from fastchgnet.data.device_graph import make_builder
 from fastchgnet.data.graph import build_graph
 from fastchgnet.device import resolve_device
-from fastchgnet.keys import ENERGY, FORCES, MAGMOMS, SITE_ENERGIES, STRESS
-from fastchgnet.model.weights import load_model
+from fastchgnet.keys import CRYSTAL_FEA, ENERGY, FORCES, MAGMOMS, SITE_ENERGIES, STRESS
+from fastchgnet.md.options import ASE_CALCULATOR_KEYWORDS, check_keywords
+from fastchgnet.model.weights import from_chgnet_model, is_chgnet_model, load_model
 
 __all__ = ["CHGNetCalculator", "as_atoms", "make_calculator", "resolve_model", "voigt_stress"]
 
@@ -41,13 +42,19 @@ def resolve_model(model: Any = "0.3.0", device: str | torch.device | None = None
     """A model in eval mode on ``device``.
 
     Args:
-        model: a pretrained name (``"0.3.0"``), a checkpoint path, or a fastchgnet model.
+        model: a pretrained name (``"0.3.0"``), a checkpoint path, a fastchgnet model, or a
+            ``chgnet.model.CHGNet`` object (its weights are converted to an exact fastchgnet
+            model once, here; the chgnet object is not used afterwards).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``; None: CUDA when available for a
             model loaded here (its parameters then need no gradients), the model's own device for a
-            model passed in.
+            model passed in (a chgnet object's device for one converted here).
         dtype: parameter dtype (e.g. ``torch.float64``); None keeps the model's (float32 for the
             published weights).
     """
+    if is_chgnet_model(model):
+        own = next(model.parameters()).device
+        net = from_chgnet_model(model).requires_grad_(False)
+        return resolve_model(net, own if device is None else device, dtype)
     if isinstance(model, torch.nn.Module):
         if device is not None:
             model = model.to(resolve_device(str(device)))
@@ -55,8 +62,8 @@ def resolve_model(model: Any = "0.3.0", device: str | torch.device | None = None
             model = model.to(dtype)
         return model.eval()
     if not isinstance(model, (str, os.PathLike)):
-        raise TypeError(f"model must be a pretrained name, a checkpoint path or a fastchgnet model, "
-                        f"got {type(model).__name__}")
+        raise TypeError(f"model must be a pretrained name, a checkpoint path, a fastchgnet model or a "
+                        f"chgnet CHGNet, got {type(model).__name__}")
     net = load_model(model, device=resolve_device(None if device is None else str(device)),
                      dtype=dtype)
     # inference only: without parameter gradients autograd keeps less for the force pass
@@ -64,17 +71,22 @@ def resolve_model(model: Any = "0.3.0", device: str | torch.device | None = None
     return net.requires_grad_(False)
 
 
+def _voigt(s: np.ndarray) -> np.ndarray:
+    s = np.asarray(s, dtype=np.float64)
+    return s[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+
+
 def voigt_stress(s_gpa: np.ndarray) -> np.ndarray:
     """(3, 3) stress in GPa -> ASE Voigt (xx, yy, zz, yz, xz, xy) in eV/Å³ (same sign)."""
-    s = np.asarray(s_gpa, dtype=np.float64)
-    return s[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]] * GPa
+    return _voigt(s_gpa) * GPa
 
 
 class CHGNetCalculator(Calculator):
     """ASE calculator of a fastchgnet model.
 
     Args:
-        model: ``"0.3.0"`` (default), a checkpoint path, or a fastchgnet model (any model type).
+        model: ``"0.3.0"`` (default), a checkpoint path, a fastchgnet model (any model type), or a
+            ``chgnet.model.CHGNet`` object (converted, see :func:`resolve_model`).
         device: ``"cpu"``, ``"cuda"``, ``"auto"``...; None as in :func:`resolve_model`.
         dtype: e.g. ``torch.float64`` for smooth finite differences (default: the model's dtype).
         on_isolated_atoms: an atom without a neighbour within the 6 Å cutoff raises ValueError
@@ -90,7 +102,10 @@ class CHGNetCalculator(Calculator):
         forward: replaces the model call: ``forward(batch, task) -> outputs``, e.g.
             ``fastchgnet.compile.CompiledForward(model)`` or ``CUDAGraphForward(model)``
             (without per-site energies in its outputs, ``energies`` is not available).
-        **kwargs: passed to :class:`ase.calculators.calculator.Calculator`.
+        **kwargs: ASE's own ``Calculator`` arguments (``label``, ``directory``, ``restart``,
+            ``ignore_bad_restart_file``, ``atoms``). Any other keyword is a ``TypeError``; chgnet's
+            names (``use_device``, ``stress_weight``...) get a message naming the fastchgnet
+            equivalent. :mod:`fastchgnet.compat.chgnet` takes chgnet's arguments unchanged.
 
     Results (``calc.results``): ``energy`` and ``free_energy`` (eV, total), ``forces`` (n, 3)
     eV/Å, ``stress`` (6,) eV/Å³ Voigt, ``magmoms`` (n,) μB, ``energies`` (n,) eV per site.
@@ -111,6 +126,7 @@ class CHGNetCalculator(Calculator):
         forward: Callable[[Batch, str], dict[str, torch.Tensor]] | None = None,
         **kwargs: Any,
     ) -> None:
+        check_keywords(type(self).__name__, kwargs, ASE_CALCULATOR_KEYWORDS)
         super().__init__(**kwargs)
         if on_isolated_atoms not in ("error", "warn", "ignore"):
             raise ValueError(f"on_isolated_atoms must be 'error', 'warn' or 'ignore', "
@@ -127,6 +143,10 @@ class CHGNetCalculator(Calculator):
         self.graph_mode = self._pick_graph_mode(graph)
         self.n_calls = 0  # model evaluations, for tests and logs
         self._device_graph: Any = None
+        # for subclasses (fastchgnet.compat.chgnet): the factor from the model's GPa stress to
+        # results["stress"], and whether results carry the crystal feature vector
+        self._stress_scale = GPa
+        self._crystal_feas = False
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -181,7 +201,7 @@ class CHGNetCalculator(Calculator):
         if self.forward is not None:
             return self.forward(batch, task or self.task)
         return self.model(batch, task=task or self.task, create_graph=False,
-                          return_site_energies=True)
+                          return_site_energies=True, return_crystal_feas=self._crystal_feas)
 
     def calculate(self, atoms: Any = None, properties: Sequence[str] | None = None,
                   system_changes: Sequence[str] = all_changes) -> None:
@@ -196,7 +216,7 @@ class CHGNetCalculator(Calculator):
         n = len(atoms)
         # one device -> host copy per output at the ASE boundary
         arr = {k: v.detach().to("cpu", torch.float64).numpy() for k, v in out.items()
-               if k in (ENERGY, FORCES, STRESS, MAGMOMS, SITE_ENERGIES)}
+               if k in (ENERGY, FORCES, STRESS, MAGMOMS, SITE_ENERGIES, CRYSTAL_FEA)}
         e = float(arr[ENERGY][0])
         energy = e * n if self.model.config.is_intensive else e
         self.results["energy"] = energy
@@ -206,9 +226,11 @@ class CHGNetCalculator(Calculator):
         if FORCES in arr:
             self.results["forces"] = arr[FORCES]
         if STRESS in arr:
-            self.results["stress"] = voigt_stress(arr[STRESS][0])
+            self.results["stress"] = _voigt(arr[STRESS][0]) * self._stress_scale
         if MAGMOMS in arr:
             self.results["magmoms"] = arr[MAGMOMS]
+        if CRYSTAL_FEA in arr:
+            self.results["crystal_fea"] = arr[CRYSTAL_FEA][0]
 
     def get_magnetic_moments(self, atoms: Any = None) -> np.ndarray:
         """Per-site magnetic moment magnitudes (μB)."""
@@ -237,7 +259,8 @@ def as_atoms(structure: Any) -> Any:
 def make_calculator(model: Any = "0.3.0", *, device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None, on_isolated_atoms: str = "error",
                     **kwargs: Any) -> Calculator:
-    """``model`` itself when it is an ASE calculator, else a :class:`CHGNetCalculator` of it."""
+    """``model`` itself when it is an ASE calculator, else a :class:`CHGNetCalculator` of it
+    (a pretrained name, a checkpoint path, a fastchgnet model or a chgnet ``CHGNet``)."""
     if isinstance(model, Calculator):
         return model
     return CHGNetCalculator(model, device=device, dtype=dtype, on_isolated_atoms=on_isolated_atoms,

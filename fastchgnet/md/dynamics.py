@@ -9,6 +9,11 @@ extended XYZ for ``.xyz``/``.extxyz``) and a text log, so a crash (even SIGKILL)
 log interval. Every step checks the cell: a cell whose volume leaves ``[V0 / max_volume_ratio,
 V0 * max_volume_ratio]`` or that flattens raises ``ValueError`` naming the step, and atoms closer
 than 0.5 Å raise the graph builder's ``ValueError`` (with the step added).
+
+Defaults are fastchgnet's own and differ from chgnet's ``MolecularDynamics``: NVT with a Langevin
+thermostat and a 1 fs step here, NVT Berendsen and 2 fs there (and ``on_isolated_atoms="error"``
+here, ``"warn"`` there). :mod:`fastchgnet.compat.chgnet` has chgnet's class with chgnet's
+defaults.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import torch
 from ase import units
 
 from fastchgnet.md.calculator import as_atoms, make_calculator
+from fastchgnet.md.options import check_keywords
+from fastchgnet.md.progress import Progress, progress_from_verbose
 
 __all__ = ["ENSEMBLES", "FrameRecorder", "MolecularDynamics", "TrajectoryWriter", "TextLog",
            "estimate_bulk_modulus", "nve_energy_drift", "total_energy"]
@@ -198,7 +205,8 @@ class MolecularDynamics:
 
     Args:
         atoms: an ASE ``Atoms`` (run in place) or a pymatgen ``Structure`` (converted).
-        model: ``"0.3.0"``, a checkpoint path, a fastchgnet model, or an ASE calculator.
+        model: ``"0.3.0"``, a checkpoint path, a fastchgnet model, a ``chgnet.model.CHGNet``
+            object (converted once), or an ASE calculator.
         ensemble: ``"nve"``, ``"nvt"`` or ``"npt"``.
         thermostat: NVT ``"langevin"`` (default), ``"nose-hoover"`` (Nosé–Hoover chain),
             ``"bussi"``, ``"berendsen"``; NPT ``"mtk"`` (default: Nosé–Hoover chain with the MTK
@@ -223,6 +231,11 @@ class MolecularDynamics:
             :func:`check_cell`).
         device, dtype, on_isolated_atoms: for a calculator made here (see
             :class:`~fastchgnet.md.CHGNetCalculator`).
+        verbose: progress lines on stderr during :meth:`run` (step, temperature, energy):
+            ``True`` at most every 2 s (and the last step), a number: that interval in seconds.
+
+    Any other keyword is a ``TypeError``; chgnet's names (``use_device``, ``append_trajectory``,
+    ``crystal_feas_logfile``...) get a message naming the fastchgnet equivalent.
     """
 
     def __init__(
@@ -248,7 +261,12 @@ class MolecularDynamics:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         on_isolated_atoms: str = "error",
+        verbose: bool | float = False,
+        **kwargs: Any,
     ) -> None:
+        check_keywords("MolecularDynamics", kwargs)
+        progress_from_verbose(verbose, "", None)  # checks the value now
+        self.verbose = verbose
         ensemble = ensemble.lower()
         if ensemble not in ENSEMBLES:
             raise ValueError(f"ensemble must be one of {sorted(ENSEMBLES)}, got {ensemble!r}")
@@ -366,9 +384,29 @@ class MolecularDynamics:
         """Call ``fn()`` every ``interval`` steps (ASE observer)."""
         self.dyn.attach(fn, interval=interval)
 
+    def _progress(self, progress: Progress) -> None:
+        a = self.atoms
+        progress.report(self.nsteps, lambda: (
+            f"T {float(a.get_temperature()):.1f} K  Epot "
+            f"{float(a.get_potential_energy()) / len(a):.5f} eV/atom  "
+            f"t {self.nsteps * self.timestep * 1e-3:.3f} ps"))
+
     def run(self, steps: int) -> None:
         """Run ``steps`` MD steps. Errors (isolated atoms, atoms too close, a collapsing cell)
         raise ValueError naming the step; files hold every log interval before it."""
+        progress = progress_from_verbose(
+            self.verbose, f"md {self.ensemble.upper()} {self.atoms.get_chemical_formula()}",
+            self.nsteps + steps)
+        if progress is not None:
+            self.dyn.attach(self._progress, interval=1, progress=progress)
+        try:
+            self._run(steps)
+        finally:
+            if progress is not None:  # detach: a later run() reports its own steps
+                self.dyn.observers = [o for o in self.dyn.observers
+                                      if o[0] != self._progress]
+
+    def _run(self, steps: int) -> None:
         try:
             self.dyn.run(steps)
         except ValueError as exc:

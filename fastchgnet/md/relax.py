@@ -6,12 +6,18 @@ quantities, not on the filter's generalised forces: the largest atomic force ``�
 and, when the cell relaxes, the largest stress component ``≤ smax`` (GPa; measured from the target
 ``-pressure``). Trajectory and log files are written and flushed every ``loginterval`` steps.
 It returns the :class:`~fastchgnet.sim.result.RelaxResult` of the batched relaxer as well.
+
+Defaults are fastchgnet's own (``fmax=0.1`` eV/Å as chgnet's, ``smax=0.1`` GPa, FIRE,
+``on_isolated_atoms="error"``); :mod:`fastchgnet.compat.chgnet` has chgnet's ``StructOptimizer``
+with chgnet's arguments and behaviour.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -20,9 +26,12 @@ from ase.stress import voigt_6_to_full_3x3_stress
 
 from fastchgnet.md.calculator import as_atoms, make_calculator
 from fastchgnet.md.dynamics import FrameRecorder, TextLog, TrajectoryWriter
+from fastchgnet.md.options import check_keywords, check_optimizer_keywords
+from fastchgnet.md.progress import progress_from_verbose
 from fastchgnet.sim.result import RelaxResult
 
-__all__ = ["OPTIMIZERS", "RelaxResult", "StructOptimizer", "relax_structure"]
+__all__ = ["OPTIMIZERS", "RelaxResult", "StructOptimizer", "quiet_cell_filter_warnings",
+           "relax_structure"]
 
 OPTIMIZERS = ("FIRE", "BFGS", "LBFGS", "BFGSLineSearch", "LBFGSLineSearch", "MDMin", "GPMin")
 
@@ -52,6 +61,21 @@ def _filter_class(cell_filter: Any) -> Any:
     return cls
 
 
+@contextlib.contextmanager
+def quiet_cell_filter_warnings() -> Iterator[None]:
+    """Within the block, hide scipy's ``logm result may be inaccurate`` RuntimeWarnings.
+
+    ASE's ``FrechetCellFilter`` takes the matrix logarithm of the deformation gradient at every
+    step; scipy warns when its own error estimate passes 1000 machine epsilons, which happens for
+    deformations close to the identity and says nothing about the relaxation. Only that message is
+    hidden, only inside the block (the command line wraps each relaxation in it).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="logm result may be inaccurate",
+                                category=RuntimeWarning)
+        yield
+
+
 class StructOptimizer:
     """Relaxes structures with a fastchgnet model.
 
@@ -59,11 +83,15 @@ class StructOptimizer:
         model: ``"0.3.0"``, a checkpoint path, a fastchgnet model, or an ASE calculator.
         optimizer: ``"FIRE"`` (default), ``"BFGS"``, ... or an ASE ``Optimizer`` class.
         device, dtype, on_isolated_atoms: for a calculator made here.
+
+    ``model`` may also be a ``chgnet.model.CHGNet`` object (converted once). chgnet's keyword
+    names (``optimizer_class``, ``use_device``...) raise a ``TypeError`` naming ours.
     """
 
     def __init__(self, model: Any = "0.3.0", optimizer: Any = "FIRE", *,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 on_isolated_atoms: str = "error") -> None:
+                 on_isolated_atoms: str = "error", **kwargs: Any) -> None:
+        check_keywords("StructOptimizer", kwargs)
         self.calculator = make_calculator(model, device=device, dtype=dtype,
                                           on_isolated_atoms=on_isolated_atoms)
         self.optimizer_class = _optimizer_class(optimizer)
@@ -81,7 +109,7 @@ class StructOptimizer:
         trajectory: str | Path | None = None,
         logfile: str | Path | None = None,
         loginterval: int = 1,
-        verbose: bool = False,
+        verbose: bool | float = False,
         **optimizer_kwargs: Any,
     ) -> RelaxResult:
         """Relax ``atoms`` (ASE ``Atoms``, relaxed in place, or a pymatgen ``Structure``).
@@ -100,11 +128,16 @@ class StructOptimizer:
             pressure: external hydrostatic pressure (GPa).
             trajectory, logfile: files written (and flushed) every ``loginterval`` steps; the
                 trajectory is ``.traj`` (ASE) or ``.xyz``/``.extxyz``.
-            verbose: print the ASE optimiser's own log to stdout.
-            **optimizer_kwargs: passed to the optimiser (e.g. ``maxstep``).
+            verbose: progress lines on stderr (step, energy, max|F|, max|σ|): ``True`` at most
+                every 2 s (and the last step), a number: that interval in seconds (0: every step).
+            **optimizer_kwargs: passed to the optimiser (e.g. ``maxstep``); a keyword the optimiser
+                does not take is a ``TypeError`` before anything runs (chgnet's ``save_path``,
+                ``ase_filter``... name their fastchgnet equivalents).
         """
         from ase.optimize.optimize import Optimizer
 
+        check_optimizer_keywords("StructOptimizer.relax", self.optimizer_class, optimizer_kwargs,
+                                 reserved=("logfile",))
         if fmax <= 0 or (relax_cell and smax <= 0) or loginterval < 1:
             raise ValueError("fmax and smax must be > 0 and loginterval >= 1")
         given = atoms
@@ -114,8 +147,8 @@ class StructOptimizer:
         if relax_cell:
             extra = {"scalar_pressure": pressure * units.GPa} if pressure else {}
             target = _filter_class(cell_filter)(atoms, **extra)
-        opt: Optimizer = self.optimizer_class(target, logfile="-" if verbose else None,
-                                              **optimizer_kwargs)
+        opt: Optimizer = self.optimizer_class(target, logfile=None, **optimizer_kwargs)
+        progress = progress_from_verbose(verbose, f"relax {atoms.get_chemical_formula()}", steps)
         record = FrameRecorder(atoms)
         writer = TrajectoryWriter(trajectory, atoms) if trajectory is not None else None
         log = (TextLog(logfile, ["step", "energy_eV", "fmax_eV/A", "smax_GPa", "volume_A3"])
@@ -127,6 +160,9 @@ class StructOptimizer:
                 f_now = float(np.linalg.norm(atoms.get_forces(), axis=1).max())
                 s_now = _stress_residual(atoms, pressure) if relax_cell else 0.0
                 converged = f_now <= fmax and s_now <= smax
+                if progress is not None:
+                    progress.report(n, lambda: _progress_fields(atoms, f_now, s_now, relax_cell),
+                                    last=converged)
                 if n % loginterval == 0 or converged:
                     record.record(n)
                     if writer is not None:
@@ -150,6 +186,12 @@ class StructOptimizer:
                                    else voigt_6_to_full_3x3_stress(voigt) / units.GPa),
                            fmax=f_now, smax=s_now, atoms=atoms, final_structure=final,
                            trajectory=record)
+
+
+def _progress_fields(atoms: Any, f_now: float, s_now: float, relax_cell: bool) -> str:
+    text = (f"E {float(atoms.get_potential_energy()) / len(atoms):.5f} eV/atom  "
+            f"max|F| {f_now:.4f} eV/A")
+    return text + (f"  max|s| {s_now:.4f} GPa" if relax_cell else "")
 
 
 def _stress_residual(atoms: Any, pressure: float) -> float:

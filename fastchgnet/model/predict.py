@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,45 @@ from fastchgnet.keys import PER_ATOM, PER_GRAPH, check_task
 DEFAULT_MAX_ATOMS = 20_000
 DEFAULT_MAX_BONDS = 1_500_000
 DEFAULT_MAX_ANGLES = 3_000_000
+
+
+# (test, convert) pairs: a model object for which ``test(obj)`` holds is replaced by
+# ``convert(obj)`` before predicting. ``fastchgnet.model`` registers the chgnet one
+# (``weights.is_chgnet_model``, ``weights.from_chgnet_model``); this module cannot import
+# ``weights`` itself (weights -> exact -> predict would be an import cycle).
+_MODEL_ADAPTERS: list[tuple[Callable[[Any], bool], Callable[[Any], torch.nn.Module]]] = []
+
+
+def register_model_adapter(test: Callable[[Any], bool],
+                           convert: Callable[[Any], torch.nn.Module]) -> None:
+    """Let :func:`predict` take foreign model objects: those for which ``test(obj)`` is true are
+    converted with ``convert(obj)`` (a fastchgnet model) first."""
+    if (test, convert) not in _MODEL_ADAPTERS:
+        _MODEL_ADAPTERS.append((test, convert))
+
+
+def _looks_like_chgnet(obj: Any) -> bool:
+    return type(obj).__module__.startswith("chgnet.") and hasattr(obj, "model_args")
+
+
+def as_fastchgnet_model(model: Any) -> torch.nn.Module:
+    """``model`` itself when it is a fastchgnet model; a registered adapter's conversion of a
+    foreign one (e.g. a ``chgnet.model.CHGNet``: converted on every call, so convert once with
+    ``fastchgnet.model.weights.from_chgnet_model`` for repeated predictions), placed on the
+    foreign model's device."""
+    if callable(getattr(model, "graph_kwargs", None)):
+        return model
+    for test, convert in _MODEL_ADAPTERS:
+        if test(model):
+            params = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+            net = convert(model)
+            return net.to(params.device) if params is not None else net
+    if _looks_like_chgnet(model):
+        raise TypeError("this is a chgnet.model.CHGNet: convert it once with "
+                        "fastchgnet.model.weights.from_chgnet_model(obj), or use "
+                        "fastchgnet.compat.chgnet.model.CHGNet.load() instead of chgnet's")
+    raise TypeError(f"model must be a fastchgnet model, got {type(model).__module__}."
+                    f"{type(model).__name__}")
 
 
 def _is_single(structures: Any) -> bool:
@@ -43,7 +82,10 @@ def predict(
     """Predict energy, forces, stress and magnetic moments.
 
     Args:
-        model: a fastchgnet model (e.g. from :func:`fastchgnet.load_model`).
+        model: a fastchgnet model (e.g. from :func:`fastchgnet.load_model`), or a
+            ``chgnet.model.CHGNet`` object (its weights are converted to an exact fastchgnet model
+            on each call: for many calls convert once with
+            ``fastchgnet.model.weights.from_chgnet_model``).
         structures: a pymatgen ``Structure``, an ASE ``Atoms``, a :class:`CrystalGraph`, or a list
             of them.
         task: which outputs: ``"e"``, ``"ef"``, ``"em"``, ``"efs"``, ``"efsm"``...
@@ -64,6 +106,7 @@ def predict(
         then, so no result is silently missing.
     """
     check_task(task)
+    model = as_fastchgnet_model(model)
     single = _is_single(structures)
     items = [structures] if single else list(structures)
     if not items:
