@@ -228,6 +228,7 @@ def test_torchrun_cli(setup, tmp_path):
     assert len(rows) == 1 and float(rows[0]["load_cv"]) > 0
     log = (out / "train.log").read_text()
     assert "balance paper" in log and log.count("load_cv") >= 2  # steps 2 and 4, once each
+    assert not (out / "run.lock").exists()  # rank 0 locked the folder and released it
 
 
 def _fault_cmd(setup, out: Path, fault: list, **kw) -> list[str]:

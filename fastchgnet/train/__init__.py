@@ -6,7 +6,9 @@ under ``torchrun`` it trains data-parallel (:mod:`fastchgnet.train.distributed`,
 
 Modules: ``config`` (TrainConfig), ``job`` (train, prepare_data), ``model_setup`` (build_model,
 fit_atom_ref, freeze), ``loop`` (Trainer and its step callbacks), ``evaluation`` (evaluate),
-``runtime`` (precision, RNG state, DDP), ``report`` (metrics.csv, train.log, test.json, plots).
+``runtime`` (precision, RNG state, DDP), ``report`` (metrics.csv, train.log, test.json, plots),
+``resume`` (the options of a resumed run), ``run_lock`` (one run per folder), ``safety``
+(divergence, checkpoint writes and reads), ``data_checks`` (labels, stress units, overlap).
 """
 
 from fastchgnet.train.loss import (
@@ -26,8 +28,14 @@ from fastchgnet.train.loop import StepCallback, Trainer
 from fastchgnet.train.model_setup import build_model, fit_atom_ref, freeze
 from fastchgnet.train.job import prepare_data, train
 from fastchgnet.train.report import read_metrics
+from fastchgnet.train.run_lock import RunFolderLockedError
+from fastchgnet.train.safety import CheckpointWriteError, TrainingDivergedError, UnreadableCheckpointError
 
 __all__ = [
+    "CheckpointWriteError",
+    "RunFolderLockedError",
+    "TrainingDivergedError",
+    "UnreadableCheckpointError",
     "Collator",
     "DistEnv",
     "DistributedBatchSampler",

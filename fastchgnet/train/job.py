@@ -12,7 +12,9 @@ Run directory (``--out``)::
     train.log       the log
     metrics.csv     one row per epoch
     last.pt         model + optimiser + scheduler + epoch/step + RNG (written atomically)
-    best.pt         the model with the lowest validation loss (loadable by load_model)
+    best.pt         the model with the lowest validation loss (loadable by load_model); without
+                    validation data, the model of the last epoch
+    run.lock        while a run owns the folder (its pid and host; see train/run_lock.py)
     test.json       test-set MAEs (and the per-element baseline) of best.pt
     parity_*.png    parity plots of energy, forces, stress and magnetic moments
 
@@ -25,6 +27,7 @@ not depend on the number of ranks, so a run may be resumed on a different number
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -41,6 +44,7 @@ from fastchgnet.model.exact import CHGNet
 from fastchgnet.model.weights import load_model
 from fastchgnet.train.config import TrainConfig
 from fastchgnet.train.data import GraphDataset, split_indices
+from fastchgnet.train.data_checks import check_training_data
 from fastchgnet.train.distributed import (
     DistEnv,
     DistributedTrainingError,
@@ -52,13 +56,13 @@ from fastchgnet.train.evaluation import evaluate
 from fastchgnet.train.loop import StepCallback, Trainer
 from fastchgnet.train.model_setup import baseline_mae, build_model, fit_atom_ref, freeze
 from fastchgnet.train.report import mae_table, parity_plots, run_logger, write_json
+from fastchgnet.train.resume import RESUMABLE_OPTIONS, resume_config, set_options
+from fastchgnet.train.run_lock import RunFolderLockedError, RunLock
+from fastchgnet.train.safety import read_checkpoint
 
-__all__ = ["default_cache_root", "finish", "prepare_data", "train"]
+__all__ = ["RESUMABLE_OPTIONS", "default_cache_root", "finish", "prepare_data", "train"]
 
 Log = Callable[[str], None]
-# options that may change on resume (the number of ranks may change too)
-RESUMABLE_OPTIONS = ("epochs", "progress", "device", "workers", "plots", "balance", "bucket_mb",
-                     "dist_timeout", "log_every", "compile")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,12 +139,21 @@ def _split(config: TrainConfig, n: int) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def train(config: TrainConfig | None = None, *, log: Log | None = None,
-          callbacks: Iterable[StepCallback] = (), **overrides: Any) -> dict[str, Any]:
+          callbacks: Iterable[StepCallback] = (), given: Iterable[str] | None = None,
+          **overrides: Any) -> dict[str, Any]:
     """Run a training job (``fastchgnet train``); returns the test metrics (``test.json``).
 
     ``train(epochs=3, batch_size=8, out="runs/x")`` or ``train(TrainConfig(...))``. With
-    ``resume=True`` the run in ``out`` continues from its ``last.pt`` up to ``epochs``; the other
-    options are taken from the saved run (a differing ``epochs`` extends or shortens it).
+    ``resume=True`` the run in ``out`` continues from its ``last.pt`` up to ``epochs``, and writes
+    to ``out`` (the folder given, wherever the run was started). The other options come from the
+    saved run; one that the caller set to another value is an error naming it, unless it may
+    change on resume (:data:`RESUMABLE_OPTIONS`: ``epochs`` extends or shortens the run,
+    ``device``, ``workers``, ...). ``given``: the names of the options the caller set (the CLI
+    passes its flags); by default the keyword ``overrides``, and for a ``config`` its fields that
+    differ from the defaults.
+
+    The run folder is locked while the job runs (``out/run.lock``): a second job on the same
+    folder fails at once (:class:`~fastchgnet.train.run_lock.RunFolderLockedError`).
 
     ``callbacks``: functions ``callback(trainer)`` called after every optimiser step (see
     :class:`~fastchgnet.train.loop.Trainer`). When one calls ``trainer.request_stop()`` the job
@@ -154,24 +167,24 @@ def train(config: TrainConfig | None = None, *, log: Log | None = None,
     """
     if config is None:
         config = TrainConfig(**overrides)
-    elif overrides:
-        config = TrainConfig.from_dict({**config.to_dict(), **overrides})
+        chosen = set(overrides)
+    else:
+        chosen = set_options(config) | set(overrides)
+        if overrides:
+            config = TrainConfig.from_dict({**config.to_dict(), **overrides})
+    if given is not None:
+        chosen = set(given)
     out = Path(config.out)
     last = out / "last.pt"
-    if config.resume:
-        if not last.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint {last}")
-        saved = torch.load(last, map_location="cpu", weights_only=True)["trainer"]["train_config"]
-        keep = {k: getattr(config, k) for k in RESUMABLE_OPTIONS}
-        config = TrainConfig.from_dict({**saved, **keep, "resume": True})
-    elif last.is_file():
-        raise FileExistsError(f"{out} already holds a run (last.pt): pass --resume to continue it "
-                              "or choose another --out")
+    if config.resume and not last.is_file():  # before the lock creates the folder
+        raise FileNotFoundError(f"--resume: no checkpoint {last}")
     env = init_distributed(config.device, config.dist_timeout)
     if env is None:
-        return _train(config, None, log, callbacks)
+        with _own_run_folder(out, None, log):
+            return _train(_run_config(config, chosen, last), None, log, callbacks)
     try:
-        result = _train(config, env, log, callbacks)
+        with _own_run_folder(out, env, log):
+            result = _train(_run_config(config, chosen, last), env, log, callbacks)
     except Exception as exc:
         step = _checkpoint_step(last)
         raise DistributedTrainingError(
@@ -182,6 +195,47 @@ def train(config: TrainConfig | None = None, *, log: Log | None = None,
                if step is not None else f"{last} was not written yet.")) from exc
     shutdown(env)
     return result
+
+
+def _run_config(config: TrainConfig, given: set[str], last: Path) -> TrainConfig:
+    """The config of the run (the saved one on resume, see :func:`resume_config`); a new run in
+    a folder that holds one is an error. Called under the run folder's lock."""
+    if config.resume:
+        saved = read_checkpoint(last)["trainer"]["train_config"]
+        return resume_config(config, saved, given, last)
+    if last.is_file():
+        raise FileExistsError(f"{last.parent} already holds a run (last.pt): pass --resume to "
+                              "continue it or choose another --out")
+    return config
+
+
+@contextlib.contextmanager
+def _own_run_folder(out: Path, env: DistEnv | None, log: Log | None) -> Iterator[None]:
+    """Hold ``out/run.lock`` for the block (rank 0 of a distributed run; every rank learns whether
+    it got it, so all fail together)."""
+    lock, failure = None, None
+    if env is None or env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out, log=run_logger(out, log))
+        try:
+            lock.acquire()
+        except RunFolderLockedError as exc:
+            lock, failure = None, exc
+    if env is not None:
+        flag = torch.tensor([0.0 if failure is None else 1.0], device=env.device)
+        env.all_reduce(flag)
+        if failure is None and float(flag) > 0:
+            if lock is not None:
+                lock.release()
+            raise RunFolderLockedError(f"run folder {out} is in use by another run (rank 0 could "
+                                       "not lock it; its log says by which)")
+    if failure is not None:
+        raise failure
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -271,21 +325,37 @@ def _train(config: TrainConfig, env: DistEnv | None, log: Log | None,
          f"{len(val_set)} val / {len(test_set)} test structures; batch {config.batch_size}, "
          f"lr {config.learning_rate:.3g}, {trainer.steps_per_epoch} steps/epoch, {config.epochs} epochs, "
          f"{trainer.device}, {config.precision}")
+    checks = check_training_data(train_set, val_set, test_set, _largest_weights(config), _log) \
+        if main else {}
     trainer.fit()
     if env is not None:
         env.barrier()  # every rank done and the last checkpoint written
     if trainer.stopped or not main:
         return {}
-    return finish(trainer, cache, test_set, tr, log=_log)
+    return finish(trainer, cache, test_set, tr, log=_log, checks=checks)
+
+
+def _largest_weights(config: TrainConfig) -> dict[str, float]:
+    """Each label's largest loss prefactor over the run's stages."""
+    stages = [config.stage_prefactors(0)]
+    if config.stage_two_start is not None:
+        stages.append(config.stage_prefactors(config.stage_two_start))
+    return {k: max(float(p.get(k, 0.0)) for p in stages) for k in "efsm"}
 
 
 def finish(trainer: Trainer, cache: GraphCache, test_set: GraphDataset, train_indices: np.ndarray,
-           *, log: Log = print) -> dict[str, Any]:
-    """Evaluate best.pt on the test set; write test.json and the parity plots."""
+           *, log: Log = print, checks: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate best.pt on the test set; write test.json (with how best.pt was chosen and the
+    data checks) and the parity plots."""
     out = trainer.out
     cfg = trainer.cfg
     best = load_model(out / "best.pt", device=trainer.device)
-    result: dict[str, Any] = {"checkpoint": str(out / "best.pt"), "n_test": len(test_set)}
+    result: dict[str, Any] = {"checkpoint": str(out / "best.pt"), "n_test": len(test_set),
+                              "best": _best_selection(out / "best.pt")}
+    if result["best"].get("note"):
+        log(result["best"]["note"])
+    if checks:
+        result["data_checks"] = checks
     if len(test_set):
         res = evaluate(best, test_set, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
                        device=trainer.device, loss_fn=trainer.loss_fn, collect=True)
@@ -302,3 +372,14 @@ def finish(trainer: Trainer, cache: GraphCache, test_set: GraphDataset, train_in
     if result.get("plots"):
         log("parity plots: " + ", ".join(result["plots"]))
     return result
+
+
+def _best_selection(path: Path) -> dict[str, Any]:
+    """How best.pt was chosen (its epoch; ``selected_by`` ``val_loss`` or ``last_epoch``)."""
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    how = ck.get("selected_by", "val_loss")
+    sel: dict[str, Any] = {"epoch": ck.get("epoch"), "selected_by": how}
+    if how == "last_epoch":
+        sel["note"] = (f"no validation set: best.pt = last epoch (epoch {ck.get('epoch')}), not "
+                       "selected by a validation loss")
+    return sel

@@ -3,6 +3,10 @@ checkpoints and their exact resume) and its step callbacks.
 
 Checkpoints are written at the end of every epoch (and every ``checkpoint_every`` steps when set)
 with a temporary file and a rename, so a run killed at any moment resumes from an intact file.
+A checkpoint is never written from a diverged state (non-finite weights, a non-finite loss or one
+grown past :data:`~fastchgnet.train.safety.DIVERGENCE_FACTOR` times the best epoch's): the run
+stops with :class:`~fastchgnet.train.safety.TrainingDivergedError` and the files keep their last
+good state. Without validation data, ``best.pt`` is the model of the last epoch.
 Batches depend only on ``(seed, epoch)``: a resumed trainer continues exactly where the checkpoint
 was written, even in the middle of an epoch.
 """
@@ -34,6 +38,14 @@ from fastchgnet.train.evaluation import evaluate
 from fastchgnet.train.loss import EFSMLoss
 from fastchgnet.train.report import run_logger, write_metrics
 from fastchgnet.train.runtime import precision_context, rng_state, set_rng_state, wrap_ddp
+from fastchgnet.train.safety import (
+    DIVERGENCE_FACTOR,
+    TrainingDivergedError,
+    checkpoint_summary,
+    count_nonfinite,
+    read_checkpoint,
+    write_checkpoint,
+)
 from fastchgnet.train.schedule import make_optimizer, make_scheduler
 
 __all__ = ["STATE_VERSION", "StepCallback", "Trainer"]
@@ -115,17 +127,28 @@ class Trainer:
         self.step = 0  # optimiser steps taken
         self.step_in_epoch = 0
         self.best_val = math.inf
+        # the lowest epoch-mean training loss (of the current stage) and its epoch: the divergence
+        # rule compares with it
+        self.best_train = math.inf
+        self.best_train_epoch = 0
         self._epoch_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self._epoch_count = 0
         self._epoch_time = 0.0
         workers = config.workers if config.workers is not None else (4 if self.device.type == "cuda" else 0)
         self.workers = workers
         self._train_loader: torch.utils.data.DataLoader | None = None
+        self.has_val = val_set is not None and len(val_set) > 0
+        if not self.has_val:
+            self.log("WARNING: no validation set (0 validation structures): best.pt will be the "
+                     "model of the last epoch, not the one with the lowest validation loss, and "
+                     "test.json reports that model. Give a validation fraction in --split or "
+                     "--val-data to select best.pt by the validation loss.")
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"state_version": STATE_VERSION, "epoch": self.epoch, "step": self.step,
                 "step_in_epoch": self.step_in_epoch, "best_val": self.best_val,
+                "best_train": self.best_train, "best_train_epoch": self.best_train_epoch,
                 "epoch_loss": self._epoch_loss.detach().cpu(), "epoch_count": self._epoch_count,
                 "epoch_time": self._epoch_time, "steps_per_epoch": self.steps_per_epoch,
                 "world_size": self.dist.world_size if self.dist is not None else 1,
@@ -145,6 +168,8 @@ class Trainer:
                 f"with {state.get('world_size', 1)} rank(s) and has {self.steps_per_epoch} now (the "
                 "short last batch is merged differently); resume with the former number of ranks")
         self.best_val = float(state["best_val"])
+        self.best_train = float(state.get("best_train", math.inf))
+        self.best_train_epoch = int(state.get("best_train_epoch", 0))
         # the saved running loss is the sum over all ranks: rank 0 carries it on
         self._epoch_loss = state["epoch_loss"].to(self.device, torch.float64)
         if not self.is_main:
@@ -168,11 +193,48 @@ class Trainer:
     def save(self, path: Path, **extra: Any) -> Path:
         """Model checkpoint (loadable by :func:`load_model`) plus the trainer state, atomically.
         Distributed: every rank calls it (the running loss is summed over the ranks), rank 0
-        alone writes."""
-        self._sync_epoch_loss()
+        alone writes.
+
+        Refuses (:class:`TrainingDivergedError`, nothing written) when the weights, the moving
+        average or the epoch's running loss are not finite, or the running loss diverged; a
+        failed write raises :class:`~fastchgnet.train.safety.CheckpointWriteError` (the previous
+        file is intact)."""
+        total = self._sync_epoch_loss()
+        running = float(total) / max(self._epoch_count, 1)
+        self._check_loss(running, "the running training loss of the epoch so far")
+        self._check_weights()
         if self.is_main:
-            save_checkpoint(self.model, path, trainer=self.state_dict(), **extra)
+            write_checkpoint(lambda: save_checkpoint(self.model, path, trainer=self.state_dict(),
+                                                     **extra), path)
         return path
+
+    def _check_loss(self, loss: float, what: str) -> None:
+        """Raise :class:`TrainingDivergedError` when ``loss`` is not finite or exceeds
+        DIVERGENCE_FACTOR times the best epoch loss."""
+        if not math.isfinite(loss):
+            raise self._diverged(f"{what} is {loss}")
+        if math.isfinite(self.best_train) and loss > DIVERGENCE_FACTOR * self.best_train:
+            raise self._diverged(
+                f"{what} is {loss:.4g}, more than {DIVERGENCE_FACTOR:g} x the best epoch's "
+                f"{self.best_train:.4g} (epoch {self.best_train_epoch}): the training diverged")
+
+    def _check_weights(self) -> None:
+        tensors = list(self.model.state_dict().values())
+        if self.ema is not None:
+            tensors += list(self.ema.shadow)
+        bad, total = count_nonfinite(tensors)
+        if bad:
+            raise self._diverged(f"{bad:,} of {total:,} weights are not finite (NaN or inf)")
+
+    def _diverged(self, what: str) -> TrainingDivergedError:
+        """The error of a diverged state: where, what, and what the files on disk still hold."""
+        last, best = self.out / "last.pt", self.out / "best.pt"
+        epoch = self.epoch + 1 if self.step_in_epoch else max(self.epoch, 1)  # the epoch it ran in
+        return TrainingDivergedError(
+            f"epoch {epoch}, step {self.step}: {what}. Training stopped and nothing was "
+            f"saved from this state: {checkpoint_summary(last)}; {checkpoint_summary(best)}. "
+            "Resuming would repeat the same steps: start a new run with a lower learning rate "
+            "(--lr) or --grad-clip (--init <run>/best.pt keeps the progress).")
 
     def _sync_epoch_loss(self) -> Tensor:
         """The epoch's running loss summed over the ranks (returned on every rank). Distributed:
@@ -186,9 +248,7 @@ class Trainer:
         return total
 
     def resume_from(self, path: str | os.PathLike) -> None:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if "trainer" not in ckpt:
-            raise ValueError(f"{path} has no trainer state (is it a best.pt or a model file?)")
+        ckpt = read_checkpoint(Path(path))  # a clear error for a truncated or foreign file
         self.model.load_state_dict(ckpt["state_dict"])
         self.model.to(self.device, self.dtype)
         self.load_state_dict(ckpt["trainer"])
@@ -327,6 +387,7 @@ class Trainer:
         self.loss_fn.prefactors.update(self.cfg.stage_prefactors(epoch))
         if starting and epoch == self.cfg.stage_two_start:
             self.best_val = math.inf
+            self.best_train, self.best_train_epoch = math.inf, 0  # the loss changes its scale
             w = ", ".join(f"{k}={v:g}" for k, v in self.loss_fn.prefactors.items())
             lr = (f", constant lr {self.cfg.stage_two_lr:.2e}" if self.cfg.stage_two_lr is not None
                   else "")
@@ -337,10 +398,8 @@ class Trainer:
         train_loss = float(self._sync_epoch_loss()) / max(self._epoch_count, 1)
         load = (float(self.sampler.step_cv().mean())
                 if isinstance(self.sampler, DistributedBatchSampler) else 0.0)
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(
-                f"epoch {self.epoch + 1}: training loss is {train_loss}; lower the learning rate "
-                "(--lr) or set --grad-clip; last.pt still holds the previous epoch")
+        self._check_loss(train_loss, "the epoch's mean training loss")
+        self._check_weights()  # before anything of this epoch is written
         val = self.validate()
         self.epoch += 1
         self.step_in_epoch = 0
@@ -351,14 +410,22 @@ class Trainer:
                "structures_per_s": self._epoch_count / max(self._epoch_time, 1e-9), "load_cv": load}
         if self.is_main:
             write_metrics(self.out / "metrics.csv", row)
-        improved = math.isfinite(val["loss"]) and val["loss"] < self.best_val
+        if self.has_val:
+            improved = math.isfinite(val["loss"]) and val["loss"] < self.best_val
+        else:  # nothing to select by: best.pt is the last epoch's model
+            improved = True
         if improved:
             self.best_val = val["loss"]
-        self.save(self.out / "last.pt")
-        if self.is_main and (improved or not (self.out / "best.pt").exists()):
+        if train_loss < self.best_train:
+            self.best_train, self.best_train_epoch = train_loss, self.epoch
+        self.save(self.out / "last.pt")  # checks the weights (and the average) first
+        best = self.out / "best.pt"
+        if self.is_main and (improved or not best.exists()):
+            how = "val_loss" if self.has_val else "last_epoch"
             with self.averaged():
-                save_checkpoint(self.model, self.out / "best.pt", epoch=self.epoch, val=val,
-                                **({"ema_decay": self.ema.decay} if self.ema is not None else {}))
+                write_checkpoint(lambda: save_checkpoint(
+                    self.model, best, epoch=self.epoch, val=val, selected_by=how,
+                    **({"ema_decay": self.ema.decay} if self.ema is not None else {})), best)
         self.log(f"epoch {self.epoch:>3}/{self.cfg.epochs}  {row['time_s']:7.1f} s  lr {row['lr']:.2e}  "
                  f"train {train_loss:.4f}  val {val['loss']:.4f}  MAE e {_fmt(val['e_mae'] * 1e3)} meV/atom  "
                  f"f {_fmt(val['f_mae'] * 1e3)} meV/A  s {_fmt(val['s_mae'])} GPa  m {_fmt(val['m_mae'])} muB"
