@@ -90,7 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.action == "update":
         machine = results.get("machine_info", {})
         doc = {"ratios": current, "margin": args.margin,
-               "machine": {k: machine.get(k) for k in ("node", "processor", "python_version", "cpu")},
+               "machine": {"python": machine.get("python_version"),
+                           "cpu": (machine.get("cpu") or {}).get("brand_raw"),
+                           "cores": (machine.get("cpu") or {}).get("count")},
                "commit": results.get("commit_info", {}).get("id"),
                "datetime": results.get("datetime")}
         args.baseline.parent.mkdir(parents=True, exist_ok=True)
