@@ -31,10 +31,11 @@ test: env
 
 # speed ratios against chgnet, saved as pytest-benchmark JSON (extra_info["ratio"] per case)
 BENCH_JSON ?= .benchmarks/latest.json
+BENCH_PATHS ?= benchmarks
 BENCH_ARGS ?=
 bench: env
 	mkdir -p $(dir $(BENCH_JSON))
-	$(PY) -m pytest benchmarks --benchmark-only -q --benchmark-json=$(BENCH_JSON) $(BENCH_ARGS)
+	$(PY) -m pytest $(BENCH_PATHS) --benchmark-only -q --benchmark-json=$(BENCH_JSON) $(BENCH_ARGS)
 
 # the regression gate: fails, naming the case, when a ratio fell more than the margin below
 # benchmarks/baseline.json (run `make bench` first)
