@@ -382,7 +382,7 @@ def test_demo_trains_on_the_builtin_dataset(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--limit", "12", "--epochs", "1", "--batch-size", "4", "--device", "cpu",
                  "--out", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
-    assert "test MAE" in text and "best.pt" in text and "parity plots" in text
+    assert "MAE on held-out" in text and "best.pt" in text and "parity plots" in text
     assert json.loads((out / "test.json").read_text())["n_test"] == 1
     assert main(["demo", "--predict", "--no-bench", "--device", "cpu"]) == 0
     assert "CHGNet 0.3.0" in capsys.readouterr().out
@@ -473,3 +473,87 @@ def test_the_old_trainer_module_re_exports_and_the_library_does_not_use_it():
             for mod in mods:
                 assert mod != "fastchgnet.train.trainer" and not mod.startswith("fastchgnet.bench"), \
                     (path.name, mod)
+
+
+# ------------------------------------------------------------------------------------------------
+# run options: --config, --patience, --tensorboard
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_config_file_round_trip_and_cli_override(tmp_path, xyz):
+    from fastchgnet.cli import build_parser, main
+    from fastchgnet.cli.train import options_with_file
+
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({
+        "data": str(xyz), "model_config": TINY, "batch-size": 4, "epochs": 3, "lr": 1e-3,
+        "split": "0.8,0.1,0.1", "weights": [1, 1, 0.1, 0], "cache": str(tmp_path / "cache"),
+        "cache-workers": 1, "no-progress": True, "no_plots": True, "device": "cpu"}))
+    out = tmp_path / "a"
+    assert main(["train", "--config", str(run), "--epochs", "1", "--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())  # the effective configuration
+    assert saved["epochs"] == 1 and saved["batch_size"] == 4  # the flag overrides the file
+    assert saved["prefactors"] == {"e": 1.0, "f": 1.0, "s": 0.1, "m": 0.0}
+    assert saved["split"] == [0.8, 0.1, 0.1] and saved["device"] == "cpu" and not saved["plots"]
+    # a run's config.json is a config file: the same TrainConfig comes back (but --out)
+    p = build_parser()
+    again = options_with_file(p.parse_args(["train", "--config", str(out / "config.json"),
+                                            "--out", str(tmp_path / "b")]))
+    assert TrainConfig(**again).to_dict() == {**saved, "out": str(tmp_path / "b")}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"batch-sise": 4}))
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "c")]) == 1
+
+
+def test_yaml_config_needs_pyyaml(tmp_path):
+    from fastchgnet.train.config_file import read_config_file
+
+    f = tmp_path / "run.yaml"
+    f.write_text("batch-size: 4\nepochs: 2\n")
+    try:
+        import yaml  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="PyYAML"):
+            read_config_file(f)
+    else:
+        assert read_config_file(f) == {"batch-size": 4, "epochs": 2}
+
+
+def test_patience_stops_early_and_keeps_best(tmp_path, xyz, monkeypatch):
+    losses = iter([1.0, 2.0, 3.0, 4.0, 5.0])
+
+    def validate(self):
+        return {"loss": next(losses), "e_mae": 0.1, "f_mae": 0.1, "s_mae": 0.1, "m_mae": 0.1, "n": 2}
+
+    monkeypatch.setattr(Trainer, "validate", validate)
+    logs: list[str] = []
+    cfg = _cfg(tmp_path, xyz, epochs=5, patience=2)
+    train(cfg, log=logs.append)
+    out = Path(cfg.out)
+    with open(out / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and list(rows[0]) == list(METRIC_COLUMNS)
+    assert any(m.startswith("early stop after epoch 3") for m in logs), logs
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 1
+    with pytest.raises(ValueError, match="patience"):
+        TrainConfig(patience=0)
+
+
+@pytest.mark.skipif(not _has_tensorboard(), reason="tensorboard is not installed")
+def test_tensorboard_writes_event_file(tmp_path, xyz):
+    cfg = _cfg(tmp_path, xyz, epochs=1, tensorboard=True)
+    train(cfg, log=lambda m: None)
+    assert list((Path(cfg.out) / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.skipif(_has_tensorboard(), reason="tensorboard is installed")
+def test_tensorboard_missing_is_a_clear_error(tmp_path, xyz):
+    with pytest.raises(ValueError, match="pip install tensorboard"):
+        train(_cfg(tmp_path, xyz, epochs=1, tensorboard=True), log=lambda m: None)

@@ -12,6 +12,7 @@ from fastchgnet.device import resolve_device
 from fastchgnet.model import load_model
 from fastchgnet.train import (CheckpointWriteError, DistributedTrainingError, GraphDataset, TrainConfig,
                               TrainingDivergedError, evaluate, prepare_data, train)
+from fastchgnet.train.config_file import config_fields, read_config_file
 from fastchgnet.train.report import json_safe, mae_table, parity_plots
 
 __all__ = ["add_evaluate", "add_train"]
@@ -43,6 +44,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                                    "given come from the run's last.pt; one given with another "
                                    "value than the run's is an error unless it may change on "
                                    "resume (docs/training.md).")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="options from a JSON (or, with PyYAML, YAML) file: any option of this "
+                        "command as a key (batch-size: 8), or a run's config.json; flags given "
+                        "here override it")
     add_data_args(p, train=True)
     p.add_argument("--val-data", metavar="PATH", help="validation file (instead of the random split)")
     p.add_argument("--test-data", metavar="PATH", help="test file (instead of the random split)")
@@ -59,15 +64,17 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--freeze", default=None, metavar="GROUPS",
                    help="comma-separated parameter groups to keep fixed: embedding, block0..blockN, "
                         "magmom, readout, or parameter-name prefixes")
-    p.add_argument("--refit-atomref", action="store_true",
-                   help="with --init: refit the per-element reference energies on the training set")
+    p.add_argument("--refit-atomref", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --init: refit the per-element reference energies (AtomRef) to the "
+                        "residuals of the initial model on the training set [on]")
     p.add_argument("--epochs", type=int, default=None,
                    help=f"total number of epochs [{_D.epochs}; on --resume: the run's]")
     p.add_argument("--batch-size", type=int, default=None,
                    help="structures per optimiser step, the GLOBAL batch: under torchrun it is "
                         f"split over all ranks (about batch/ranks each) [{_D.batch_size}]")
     p.add_argument("--lr", type=float, default=None,
-                   help="learning rate [global batch_size / 128 * 3e-4]")
+                   help="learning rate [with --init: 1e-3 (fine-tuning); from scratch: global "
+                        "batch_size / 128 * 3e-4 (Eq. 14)]")
     p.add_argument("--min-lr-ratio", type=float, default=None,
                    help=f"cosine schedule ends at this fraction of --lr [{_D.min_lr_ratio}]")
     p.add_argument("--warmup-steps", type=int, default=None,
@@ -103,6 +110,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="processes that build the graph cache [all CPUs]")
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
                    help="also write last.pt every STEPS steps (0: at epoch ends only) [0]")
+    p.add_argument("--patience", type=int, default=None, metavar="EPOCHS",
+                   help="stop early after EPOCHS epochs without a lower validation loss (best.pt "
+                        "keeps the best) [off]")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write the epoch metrics as TensorBoard events to --out/tensorboard "
+                        "(needs the tensorboard package)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="no parity plots")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
@@ -128,7 +141,7 @@ _PLAIN = ("data", "format", "val_data", "test_data", "limit", "model", "init", "
           "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip",
           "ema_decay", "loss", "delta", "stage_two_start", "stage_two_lr", "precision", "seed",
           "out", "cache", "workers", "cache_workers", "checkpoint_every", "compile", "log_every",
-          "balance", "bucket_mb", "dist_timeout")
+          "balance", "bucket_mb", "dist_timeout", "patience")
 
 
 def train_options(args: argparse.Namespace) -> dict[str, object]:
@@ -152,7 +165,9 @@ def train_options(args: argparse.Namespace) -> dict[str, object]:
             raise ValueError(f"--force-head and --stress-head are options of --model heads, not "
                              f"{opts.get('model', _D.model)!r}")
         opts["model_config"] = arch
-    for flag, field, value in (("refit_atomref", "refit_atom_ref", True), ("skip_bad", "skip_bad", True),
+    if args.refit_atomref is not None:
+        opts["refit_atom_ref"] = args.refit_atomref
+    for flag, field, value in (("skip_bad", "skip_bad", True), ("tensorboard", "tensorboard", True),
                                ("resume", "resume", True), ("no_progress", "progress", False),
                                ("no_plots", "plots", False)):
         if getattr(args, flag):
@@ -160,8 +175,23 @@ def train_options(args: argparse.Namespace) -> dict[str, object]:
     return opts
 
 
-def run_train(args: argparse.Namespace) -> int:
+def options_with_file(args: argparse.Namespace) -> dict[str, object]:
+    """The options of ``--config FILE`` (when given) overridden by the flags given. A ``device``
+    in the file applies unless ``--device`` names another than the default (auto)."""
     opts = train_options(args)
+    if args.config is None:
+        return opts
+    from_file = config_fields(read_config_file(args.config), source=f"--config {args.config}")
+    merged = {**from_file, **opts}
+    if "device" in from_file and args.device == "auto":
+        merged["device"] = from_file["device"]
+    if "model_config" in from_file and "model_config" in opts:
+        merged["model_config"] = {**from_file["model_config"], **opts["model_config"]}  # type: ignore[dict-item]
+    return merged
+
+
+def run_train(args: argparse.Namespace) -> int:
+    opts = options_with_file(args)
     try:
         train(TrainConfig(**opts), given=set(opts))
     except (DistributedTrainingError, TrainingDivergedError, CheckpointWriteError) as exc:

@@ -18,7 +18,7 @@ from fastchgnet.train.loss import (
     Targets,
     collate_targets,
 )
-from fastchgnet.train.schedule import WarmupCosine, default_lr, make_optimizer, make_scheduler
+from fastchgnet.train.schedule import FINETUNE_LR, WarmupCosine, default_lr, make_optimizer, make_scheduler
 from fastchgnet.train.data import Collator, DevicePrefetcher, EpochBatchSampler, GraphDataset, split_indices
 from fastchgnet.train.balance import DistributedBatchSampler, load_cv, partition, sample_costs
 from fastchgnet.train.distributed import DistEnv, DistributedTrainingError, init_distributed
@@ -64,6 +64,7 @@ __all__ = [
     "Targets",
     "WarmupCosine",
     "collate_targets",
+    "FINETUNE_LR",
     "default_lr",
     "make_optimizer",
     "make_scheduler",

@@ -11,7 +11,7 @@ from fastchgnet.model.weights import MODEL_TYPES
 from fastchgnet.train.balance import POLICIES
 from fastchgnet.train.distributed import DEFAULT_TIMEOUT_S
 from fastchgnet.train.loss import DEFAULT_PREFACTORS
-from fastchgnet.train.schedule import default_lr
+from fastchgnet.train.schedule import FINETUNE_LR, default_lr
 
 __all__ = ["PRECISIONS", "TrainConfig"]
 
@@ -36,7 +36,10 @@ class TrainConfig:
 
     ``batch_size`` is the number of structures per optimiser step: the *global* batch, summed over
     all ranks of a distributed run (on one device, simply the batch). ``lr=None`` takes the
-    paper's rule ``batch_size / 128 * 3e-4`` on that global batch. ``data=None`` trains on the built-in
+    paper's rule ``batch_size / 128 * 3e-4`` on that global batch when training from scratch, and
+    the fine-tuning rate :data:`~fastchgnet.train.schedule.FINETUNE_LR` (1e-3, chgnet's Trainer
+    default) with ``init`` (see :meth:`recipe`). With ``init``, ``refit_atom_ref`` (default)
+    refits the AtomRef to the residuals of the initial model by least squares. ``data=None`` trains on the built-in
     dataset. ``val_data`` / ``test_data`` replace the random split's validation / test parts.
     """
 
@@ -50,7 +53,7 @@ class TrainConfig:
     model_config: dict[str, Any] = field(default_factory=dict)  # CHGNetConfig overrides
     init: str | None = None  # "0.3.0" or a checkpoint: fine-tune from these weights
     freeze: tuple[str, ...] = ()  # parameter groups or name prefixes kept fixed
-    refit_atom_ref: bool = False  # with init: refit the AtomRef on the training set
+    refit_atom_ref: bool = True  # with init: refit the AtomRef to the initial model's residuals
     epochs: int = 10
     batch_size: int = 16
     lr: float | None = None
@@ -86,6 +89,8 @@ class TrainConfig:
     bucket_mb: float | None = None  # DDP gradient bucket size (None: torch's 1 MiB first, then 25)
     dist_timeout: float = DEFAULT_TIMEOUT_S  # seconds any collective may wait before failing
     log_every: int = 0  # log loss and load CV every N steps (0: only per epoch)
+    patience: int | None = None  # stop after this many epochs without a lower validation loss
+    tensorboard: bool = False  # also write the epoch metrics as TensorBoard events (out/tensorboard)
 
     def __post_init__(self) -> None:
         self.split = tuple(float(x) for x in self.split)  # type: ignore[assignment]
@@ -112,6 +117,8 @@ class TrainConfig:
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"learning rate must be positive, got {self.lr}")
         _positive("grad_clip", self.grad_clip)
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 epoch, got {self.patience}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
 
@@ -143,8 +150,30 @@ class TrainConfig:
 
     # -- derived values ------------------------------------------------------------------------
     @property
+    def fine_tuning(self) -> bool:
+        """Whether the run starts from given weights (``init``)."""
+        return self.init is not None
+
+    @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else default_lr(self.batch_size)
+        """``lr``, else the recipe's: FINETUNE_LR with ``init``, Eq. 14 from scratch."""
+        if self.lr is not None:
+            return self.lr
+        return FINETUNE_LR if self.fine_tuning else default_lr(self.batch_size)
+
+    def recipe(self) -> str:
+        """One line naming the optimisation recipe in force and why (the first line of the log)."""
+        sched = f"cosine to {self.min_lr_ratio:g} x lr" + (
+            f" after {self.warmup_steps} warm-up steps" if self.warmup_steps else ", no warm-up")
+        if self.fine_tuning:
+            lr = (f"lr {self.lr:.3g} (--lr)" if self.lr is not None
+                  else f"lr {FINETUNE_LR:g} (chgnet's Trainer default for fine-tuning)")
+            ref = ("AtomRef refit to the initial model's residuals" if self.refit_atom_ref
+                   else "AtomRef kept (--no-refit-atomref)")
+            return f"recipe: fine-tune from {self.init}: {lr}, {sched}, {ref}"
+        lr = (f"lr {self.lr:.3g} (--lr)" if self.lr is not None else
+              f"Eq. 14 lr = {self.batch_size}/128 x 3e-4 = {default_lr(self.batch_size):.3g}")
+        return f"recipe: from scratch: {lr}, {sched}, AtomRef by least squares on the labels"
 
     def stage_prefactors(self, epoch: int) -> dict[str, float]:
         """The loss prefactors of the epoch after ``epoch`` completed ones."""

@@ -7,7 +7,7 @@ checkpoints and ``metrics.csv``, and at the end evaluate the best checkpoint on 
 
 Run directory (``--out``)::
 
-    config.json     the TrainConfig of the run
+    config.json     the effective TrainConfig of the run (also a valid --config file)
     split.json      the cache indices of the train / val / test samples
     train.log       the log
     metrics.csv     one row per epoch
@@ -15,7 +15,9 @@ Run directory (``--out``)::
     best.pt         the model with the lowest validation loss (loadable by load_model); without
                     validation data, the model of the last epoch
     run.lock        while a run owns the folder (its pid and host; see train/run_lock.py)
-    test.json       test-set MAEs (and the per-element baseline) of best.pt
+    test.json       MAEs of best.pt on the test set (by default the held-out part of --data),
+                    and the per-element linear baseline fitted on the training labels
+    tensorboard/    with --tensorboard: the metrics.csv numbers as TensorBoard events
     parity_*.png    parity plots of energy, forces, stress and magnetic moments
 
 Distributed (launched by torchrun or SLURM with more than one process): ``batch_size`` is the
@@ -40,6 +42,7 @@ import torch
 from fastchgnet.data.builtin import builtin_dataset_path, read_builtin
 from fastchgnet.data.cache import GraphCache, open_or_build
 from fastchgnet.data.readers import read_dataset
+from fastchgnet.device import resolve_device
 from fastchgnet.model.exact import CHGNet
 from fastchgnet.model.weights import load_model
 from fastchgnet.train.config import TrainConfig
@@ -54,8 +57,15 @@ from fastchgnet.train.distributed import (
 )
 from fastchgnet.train.evaluation import evaluate
 from fastchgnet.train.loop import StepCallback, Trainer
-from fastchgnet.train.model_setup import baseline_mae, build_model, fit_atom_ref, freeze
-from fastchgnet.train.report import mae_table, parity_plots, run_logger, write_json
+from fastchgnet.train.model_setup import (
+    baseline_mae,
+    build_model,
+    fit_atom_ref,
+    freeze,
+    model_energies,
+    refit_atom_ref,
+)
+from fastchgnet.train.report import mae_table, open_tensorboard, parity_plots, run_logger, write_json
 from fastchgnet.train.resume import RESUMABLE_OPTIONS, resume_config, set_options
 from fastchgnet.train.run_lock import RunFolderLockedError, RunLock
 from fastchgnet.train.safety import read_checkpoint
@@ -277,20 +287,49 @@ def _datasets(config: TrainConfig, model: CHGNet, env: DistEnv | None, log: Log
 
 
 def _set_up_model(model: CHGNet, config: TrainConfig, cache: GraphCache, tr: np.ndarray,
-                  main: bool, log: Log) -> None:
+                  main: bool, log: Log, device: torch.device) -> None:
     """Fit the AtomRef (a new run) and freeze the ``config.freeze`` groups. The fit reads the
-    composition of the whole training set: rank 0 only (DDP broadcasts rank 0's parameters, the
-    AtomRef included, when it wraps the model)."""
-    if not config.resume and main:
-        if model.atom_ref is not None and (config.init is None or config.refit_atom_ref):
-            ref, mae = fit_atom_ref(cache, tr, model.config.max_num_elements,
-                                    previous=model.atom_ref if config.init is not None else None)
+    whole training set: rank 0 only (DDP broadcasts rank 0's parameters, the AtomRef included,
+    when it wraps the model). From scratch the AtomRef is fitted to the labels; fine-tuning
+    (``init``) refits it to the residuals of the initial model (``refit_atom_ref``)."""
+    if not config.resume and main and model.atom_ref is not None:
+        if config.init is None:
+            ref, mae = fit_atom_ref(cache, tr, model.config.max_num_elements)
             with torch.no_grad():
                 model.atom_ref.copy_(torch.as_tensor(ref, dtype=model.atom_ref.dtype))
             log(f"AtomRef fitted on {len(tr)} training structures: baseline MAE {mae * 1e3:.1f} meV/atom")
+        elif config.refit_atom_ref:
+            _refit_atom_ref(model, config, cache, tr, log, device)
+        else:
+            log(f"AtomRef of {config.init} kept (--no-refit-atomref)")
     if config.freeze:
         frozen = freeze(model, config.freeze)
         log(f"frozen: {len(frozen)} parameter tensors ({', '.join(config.freeze)})")
+
+
+def _refit_atom_ref(model: CHGNet, config: TrainConfig, cache: GraphCache, tr: np.ndarray,
+                    log: Log, device: torch.device) -> None:
+    """Refit the pretrained AtomRef to the training set: one no-grad pass of the initial model
+    gives its energies without AtomRef; the per-element least squares on the residuals gives the
+    new references. Logs each changed element, old -> new (eV/atom)."""
+    from pymatgen.core import Element  # heavy: only when refitting (keeps `--help` light)
+
+    assert model.atom_ref is not None
+    t0 = time.perf_counter()
+    dtype = torch.float64 if config.precision == "fp64" else torch.float32
+    model.to(device, dtype)
+    energies = model_energies(model, GraphDataset(cache, tr),
+                              batch_size=config.eval_batch_size or 2 * config.batch_size, device=device)
+    old = model.atom_ref.detach().cpu().double().numpy().copy()
+    ref, before, after = refit_atom_ref(cache, tr, energies, old, model.config.max_num_elements)
+    with torch.no_grad():
+        model.atom_ref.copy_(torch.as_tensor(ref, dtype=model.atom_ref.dtype))
+    changed = np.flatnonzero(ref != old)
+    shifts = ", ".join(f"{Element.from_Z(int(z) + 1).symbol} {old[z]:.4f} -> {ref[z]:.4f}"
+                       for z in changed)
+    log(f"AtomRef refit to the residuals of {config.init} on {len(tr)} training structures "
+        f"({time.perf_counter() - t0:.1f} s), eV/atom: {shifts or 'no element changed'}; "
+        f"initial-model energy MAE {before * 1e3:.1f} -> {after * 1e3:.1f} meV/atom")
 
 
 def _train(config: TrainConfig, env: DistEnv | None, log: Log | None,
@@ -301,6 +340,9 @@ def _train(config: TrainConfig, env: DistEnv | None, log: Log | None,
     last = out / "last.pt"
     _prepare_run_dir(out, main)
     _log = run_logger(out, log) if main else (lambda msg: None)
+    _log(config.recipe())
+    if config.tensorboard and main:
+        open_tensorboard(out).close()  # fail before the data and the model when it is missing
     if env is not None:
         _log(f"distributed: {env.world_size} ranks, backend {env.backend}, global batch "
              f"{config.batch_size} (~{config.batch_size / env.world_size:.1f} per rank), "
@@ -313,7 +355,8 @@ def _train(config: TrainConfig, env: DistEnv | None, log: Log | None,
         (out / "split.json").write_text(json.dumps({"cache": str(cache.path), "train": tr.tolist(),
                                                     "val": va.tolist(), "test": te.tolist()}))
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
-    _set_up_model(model, config, cache, tr, main, _log)
+    device = env.device if env is not None else torch.device(resolve_device(config.device))
+    _set_up_model(model, config, cache, tr, main, _log, device)
 
     trainer = Trainer(model, config, train_set, val_set, log=log, dist=env, callbacks=callbacks)
     if config.resume:
@@ -351,7 +394,7 @@ def finish(trainer: Trainer, cache: GraphCache, test_set: GraphDataset, train_in
     cfg = trainer.cfg
     best = load_model(out / "best.pt", device=trainer.device)
     result: dict[str, Any] = {"checkpoint": str(out / "best.pt"), "n_test": len(test_set),
-                              "best": _best_selection(out / "best.pt")}
+                              "test_set": _test_set_label(cfg), "best": _best_selection(out / "best.pt")}
     if result["best"].get("note"):
         log(result["best"]["note"])
     if checks:
@@ -360,9 +403,9 @@ def finish(trainer: Trainer, cache: GraphCache, test_set: GraphDataset, train_in
         res = evaluate(best, test_set, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
                        device=trainer.device, loss_fn=trainer.loss_fn, collect=True)
         result.update({k: res[k] for k in ("loss", "e_mae", "f_mae", "s_mae", "m_mae")})
-        if best.atom_ref is not None:
-            result["baseline_e_mae"] = baseline_mae(test_set.cache, test_set.indices,
-                                                    best.atom_ref.detach().cpu().double().numpy())
+        if best.atom_ref is not None:  # a per-element linear fit of the training labels
+            ref, _ = fit_atom_ref(cache, train_indices, best.config.max_num_elements)
+            result["baseline_e_mae"] = baseline_mae(test_set.cache, test_set.indices, ref)
         if cfg.plots:
             result["plots"] = [str(p) for p in parity_plots(res, out)]
     result["units"] = {"e_mae": "eV/atom", "f_mae": "eV/A", "s_mae": "GPa", "m_mae": "muB"}
@@ -372,6 +415,14 @@ def finish(trainer: Trainer, cache: GraphCache, test_set: GraphDataset, train_in
     if result.get("plots"):
         log("parity plots: " + ", ".join(result["plots"]))
     return result
+
+
+def _test_set_label(cfg: TrainConfig) -> str:
+    """What the set that test.json reports on is."""
+    if cfg.test_data is not None:
+        return f"--test-data {cfg.test_data}"
+    return (f"held-out {cfg.split[2] * 100:g} % of --data (random split, not a separate test set; "
+            "evaluate on your own test file with fastchgnet evaluate)")
 
 
 def _best_selection(path: Path) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from fastchgnet.train.distributed import DistEnv, global_loss
 from fastchgnet.train.ema import EMA
 from fastchgnet.train.evaluation import evaluate
 from fastchgnet.train.loss import EFSMLoss
-from fastchgnet.train.report import run_logger, write_metrics
+from fastchgnet.train.report import open_tensorboard, run_logger, write_metrics
 from fastchgnet.train.runtime import precision_context, rng_state, set_rng_state, wrap_ddp
 from fastchgnet.train.safety import (
     DIVERGENCE_FACTOR,
@@ -92,6 +92,8 @@ class Trainer:
         self.log = run_logger(self.out, log) if self.is_main else (lambda msg: None)
         self.callbacks: list[StepCallback] = list(callbacks)
         self.stopped = False  # the last fit() returned at a stop request, not at the last epoch
+        self.early_stopped = False  # the last fit() ended early: `patience` epochs without progress
+        self.bad_epochs = 0  # epochs since the validation loss last improved
         self._stop_requested = False
         self.loss_fn = EFSMLoss(**config.prefactors, delta=config.delta, loss=config.loss)
         self.sampler: EpochBatchSampler | DistributedBatchSampler
@@ -138,6 +140,9 @@ class Trainer:
         self.workers = workers
         self._train_loader: torch.utils.data.DataLoader | None = None
         self.has_val = val_set is not None and len(val_set) > 0
+        if config.patience is not None and not self.has_val:
+            self.log(f"WARNING: --patience {config.patience} ignored: no validation set to watch")
+        self._tb = open_tensorboard(self.out) if config.tensorboard and self.is_main else None
         if not self.has_val:
             self.log("WARNING: no validation set (0 validation structures): best.pt will be the "
                      "model of the last epoch, not the one with the lowest validation loss, and "
@@ -149,7 +154,7 @@ class Trainer:
         return {"state_version": STATE_VERSION, "epoch": self.epoch, "step": self.step,
                 "step_in_epoch": self.step_in_epoch, "best_val": self.best_val,
                 "best_train": self.best_train, "best_train_epoch": self.best_train_epoch,
-                "epoch_loss": self._epoch_loss.detach().cpu(), "epoch_count": self._epoch_count,
+                "bad_epochs": self.bad_epochs, "epoch_loss": self._epoch_loss.detach().cpu(), "epoch_count": self._epoch_count,
                 "epoch_time": self._epoch_time, "steps_per_epoch": self.steps_per_epoch,
                 "world_size": self.dist.world_size if self.dist is not None else 1,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -170,6 +175,7 @@ class Trainer:
         self.best_val = float(state["best_val"])
         self.best_train = float(state.get("best_train", math.inf))
         self.best_train_epoch = int(state.get("best_train_epoch", 0))
+        self.bad_epochs = int(state.get("bad_epochs", 0))
         # the saved running loss is the sum over all ranks: rank 0 carries it on
         self._epoch_loss = state["epoch_loss"].to(self.device, torch.float64)
         if not self.is_main:
@@ -314,14 +320,30 @@ class Trainer:
         of the epochs run now. Returns early, with ``stopped`` set, when a callback called
         :meth:`request_stop`."""
         rows: list[dict[str, Any]] = []
-        self.stopped = False
-        with precision_context(self.cfg.precision, self.device):
-            while self.epoch < self.cfg.epochs:
-                if not self._run_epoch():
-                    self.stopped = True
-                    break
-                rows.append(self._end_epoch())
+        self.stopped = self.early_stopped = False
+        try:
+            with precision_context(self.cfg.precision, self.device):
+                while self.epoch < self.cfg.epochs:
+                    if not self._run_epoch():
+                        self.stopped = True
+                        break
+                    rows.append(self._end_epoch())
+                    if self._patience_ran_out():
+                        break
+        finally:
+            if self._tb is not None:
+                self._tb.flush()
         return rows
+
+    def _patience_ran_out(self) -> bool:
+        """Early stopping: ``patience`` epochs in a row without a lower validation loss."""
+        p = self.cfg.patience
+        if p is None or not self.has_val or self.bad_epochs < p or self.epoch >= self.cfg.epochs:
+            return False
+        self.early_stopped = True
+        self.log(f"early stop after epoch {self.epoch}: no lower validation loss for {p} epochs "
+                 f"(--patience {p}); best.pt holds the best model (val loss {self.best_val:.4f})")
+        return True
 
     def _run_epoch(self) -> bool:
         """The steps of the current epoch from ``step_in_epoch`` on; False when a stop was
@@ -387,6 +409,7 @@ class Trainer:
         self.loss_fn.prefactors.update(self.cfg.stage_prefactors(epoch))
         if starting and epoch == self.cfg.stage_two_start:
             self.best_val = math.inf
+            self.bad_epochs = 0
             self.best_train, self.best_train_epoch = math.inf, 0  # the loss changes its scale
             w = ", ".join(f"{k}={v:g}" for k, v in self.loss_fn.prefactors.items())
             lr = (f", constant lr {self.cfg.stage_two_lr:.2e}" if self.cfg.stage_two_lr is not None
@@ -416,6 +439,11 @@ class Trainer:
             improved = True
         if improved:
             self.best_val = val["loss"]
+        self.bad_epochs = 0 if improved else self.bad_epochs + 1
+        if self._tb is not None:
+            for key, value in row.items():
+                if key not in ("epoch",) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, self.epoch)
         if train_loss < self.best_train:
             self.best_train, self.best_train_epoch = train_loss, self.epoch
         self.save(self.out / "last.pt")  # checks the weights (and the average) first

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["METRIC_COLUMNS", "json_safe", "mae_table", "parity_plots", "read_metrics", "run_logger",
-           "write_json", "write_metrics"]
+__all__ = ["METRIC_COLUMNS", "json_safe", "mae_table", "open_tensorboard", "parity_plots",
+           "read_metrics", "run_logger", "write_json", "write_metrics"]
 
 #: the columns of metrics.csv (one row per epoch)
 METRIC_COLUMNS = ("epoch", "step", "time_s", "lr", "train_loss", "val_loss", "val_e_mae",
@@ -40,6 +40,17 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, str]]:
         return []
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+def open_tensorboard(out: Path) -> Any:
+    """A TensorBoard ``SummaryWriter`` writing to ``out/tensorboard`` (``--tensorboard``);
+    ValueError with what to install when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package, which is not installed "
+                         "(pip install tensorboard); metrics.csv has the same numbers") from None
+    return SummaryWriter(log_dir=str(Path(out) / "tensorboard"))
 
 
 def write_metrics(path: str | os.PathLike, row: dict[str, Any]) -> None:
@@ -137,8 +148,11 @@ def mae_table(result: dict[str, Any]) -> str:
             ("stress", _cell(result.get("s_mae")), "GPa"),
             ("magmom", _cell(result.get("m_mae")), "μB")]
     if "baseline_e_mae" in result:
-        rows.append(("energy, per-element baseline", _cell(result.get("baseline_e_mae"), 1e3), "meV/atom"))
+        rows.append(("energy, per-element linear fit of the training labels",
+                     _cell(result.get("baseline_e_mae"), 1e3), "meV/atom"))
     w = max(len(r[0]) for r in rows)
-    lines = [f"test MAE ({result.get('n_test', '?')} structures)"]
+    what = result.get("test_set")  # a training run's: what the set is (e.g. held-out part of --data)
+    n = result.get("n_test", "?")
+    lines = [f"MAE on {what} ({n} structures)" if what else f"test MAE ({n} structures)"]
     lines += [f"  {name.ljust(w)}  {val:>10}  {unit}" for name, val, unit in rows]
     return "\n".join(lines)

@@ -30,10 +30,10 @@ __all__ = ["RESUMABLE_OPTIONS", "option_flag", "resume_config", "set_options"]
 #: number of ranks may change too). ``out`` is always the current call's.
 RESUMABLE_OPTIONS = ("out", "resume", "epochs", "progress", "device", "workers", "plots", "balance",
                      "bucket_mb", "dist_timeout", "log_every", "compile", "cache", "cache_workers",
-                     "checkpoint_every", "eval_batch_size")
+                     "checkpoint_every", "eval_batch_size", "patience", "tensorboard")
 _PATHS = ("data", "val_data", "test_data")
 _FLAGS = {"prefactors": "--weights", "stage_two_prefactors": "--stage-two-weights",
-          "refit_atom_ref": "--refit-atomref", "model_config": "--force-head/--stress-head",
+          "refit_atom_ref": "--[no-]refit-atomref", "model_config": "--force-head/--stress-head",
           "progress": "--no-progress", "plots": "--no-plots"}
 
 
