@@ -333,3 +333,24 @@ def test_cli_relax_and_md(tmp_path, capsys):
 def test_cli_md_bad_input(tmp_path, capsys):
     assert main(["md", str(tmp_path / "missing.cif"), "--steps", "2", "--device", "cpu"]) == 1
     assert "missing.cif" in capsys.readouterr().err
+
+
+def test_python_api_never_overwrites_an_earlier_run(tmp_path, calc):
+    """MolecularDynamics and StructOptimizer.relax refuse to replace existing trajectory and log
+    files unless asked (overwrite=True, or append=True for MD), before doing any work."""
+    s = si8(rattle=0.02)
+    traj, log = tmp_path / "md.traj", tmp_path / "md.log"
+    log.write_text("# an earlier run\n1 2 3\n")
+    with pytest.raises(FileExistsError, match="md.log exists: pass overwrite=True"):
+        MolecularDynamics(s, model=calc, trajectory=traj, logfile=log)
+    assert log.read_text() == "# an earlier run\n1 2 3\n" and not traj.exists()
+    with MolecularDynamics(s, model=calc, trajectory=traj, logfile=log, overwrite=True) as md:
+        md.run(2)
+    assert "an earlier run" not in log.read_text()
+    rlog = tmp_path / "r.log"
+    rlog.write_text("keep me\n")
+    with pytest.raises(FileExistsError, match="r.log exists"):
+        StructOptimizer(calc).relax(s, logfile=rlog, steps=2)
+    assert rlog.read_text() == "keep me\n"
+    StructOptimizer(calc).relax(s, logfile=rlog, steps=2, overwrite=True)
+    assert "keep me" not in rlog.read_text()

@@ -105,7 +105,8 @@ def run_relax(args: argparse.Namespace) -> int:
             res = opt.relax(s, fmax=args.fmax, smax=args.smax, steps=args.steps,
                             relax_cell=not args.no_cell, pressure=args.pressure,
                             trajectory=stem.with_suffix(".traj"), logfile=stem.with_suffix(".log"),
-                            loginterval=args.loginterval, verbose=not args.quiet)
+                            loginterval=args.loginterval, verbose=not args.quiet,
+                            overwrite=args.overwrite)
         write_relaxed(res, stem)
         failed += not res.converged
         rows.append([label, formula(s), str(len(s)), "yes" if res.converged else "NO",
@@ -175,7 +176,8 @@ def run_md(args: argparse.Namespace) -> int:
                            starting_temperature=start_t, timestep=args.timestep,
                            pressure=args.pressure, taut=args.taut, taup=args.taup,
                            bulk_modulus=args.bulk_modulus, trajectory=traj, logfile=log,
-                           loginterval=args.loginterval, seed=args.seed, verbose=not args.quiet)
+                           loginterval=args.loginterval, seed=args.seed, verbose=not args.quiet,
+                           overwrite=args.overwrite)
     print(f"# {args.ensemble.upper()} ({md.thermostat}) MD of {atoms.get_chemical_formula()} "
           f"({len(atoms)} atoms), {args.steps} steps of {args.timestep} fs; log {log}, "
           f"trajectory {traj}", flush=True)

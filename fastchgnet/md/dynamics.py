@@ -31,7 +31,7 @@ from fastchgnet.md.calculator import as_atoms, make_calculator
 from fastchgnet.md.options import check_keywords
 from fastchgnet.md.progress import Progress, progress_from_verbose
 
-__all__ = ["ENSEMBLES", "FrameRecorder", "MolecularDynamics", "TrajectoryWriter", "TextLog",
+__all__ = ["ENSEMBLES", "FrameRecorder", "MolecularDynamics", "TrajectoryWriter", "TextLog", "refuse_existing",
            "estimate_bulk_modulus", "nve_energy_drift", "total_energy"]
 
 # ensemble -> accepted thermostats (first = default)
@@ -52,6 +52,14 @@ FALLBACK_BULK_MODULUS = 100.0
 # files
 
 
+def refuse_existing(path: Path, append: bool, overwrite: bool) -> None:
+    """A FileExistsError for a non-empty ``path`` that would be replaced: an earlier result is
+    never overwritten unless asked for (``append=True`` adds to it, ``overwrite=True`` replaces it)."""
+    if not (append or overwrite) and path.is_file() and path.stat().st_size > 0:
+        raise FileExistsError(f"{path} exists: pass overwrite=True to replace it (--overwrite on the "
+                              "command line), append=True to add to it, or another file name")
+
+
 class TrajectoryWriter:
     """Appends frames of ``atoms`` (with the calculator's results) to a file, flushed per frame.
 
@@ -59,8 +67,10 @@ class TrajectoryWriter:
     ``.xyz`` and ``.extxyz`` files use extended XYZ.
     """
 
-    def __init__(self, path: str | Path, atoms: Any, append: bool = False) -> None:
+    def __init__(self, path: str | Path, atoms: Any, append: bool = False,
+                 overwrite: bool = False) -> None:
         self.path = Path(path)
+        refuse_existing(self.path, append, overwrite)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.atoms = atoms
         self.n_frames = 0
@@ -93,8 +103,10 @@ class TrajectoryWriter:
 class TextLog:
     """A whitespace-separated text log with a ``#`` header; every row is flushed."""
 
-    def __init__(self, path: str | Path, columns: list[str], append: bool = False) -> None:
+    def __init__(self, path: str | Path, columns: list[str], append: bool = False,
+                 overwrite: bool = False) -> None:
         self.path = Path(path)
+        refuse_existing(self.path, append, overwrite)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not (append and self.path.is_file() and self.path.stat().st_size > 0)
         self._fh = open(self.path, "a" if append else "w")
@@ -225,7 +237,9 @@ class MolecularDynamics:
         logfile: text log (step, time, energies, temperature, pressure, volume) every
             ``loginterval`` steps.
         loginterval: steps between log lines and frames.
-        append: append to existing trajectory and log files instead of overwriting.
+        append: append to existing trajectory and log files.
+        overwrite: replace existing trajectory and log files; without ``append`` or ``overwrite``
+            an existing non-empty file is a ``FileExistsError`` (an earlier run is never lost).
         seed: seed of the initial velocities and of stochastic thermostats.
         max_volume_ratio: allowed volume change factor before the run stops (see
             :func:`check_cell`).
@@ -256,6 +270,7 @@ class MolecularDynamics:
         logfile: str | Path | None = None,
         loginterval: int = 1,
         append: bool = False,
+        overwrite: bool = False,
         seed: int | None = None,
         max_volume_ratio: float = 2.0,
         device: str | torch.device | None = None,
@@ -265,6 +280,10 @@ class MolecularDynamics:
         **kwargs: Any,
     ) -> None:
         check_keywords("MolecularDynamics", kwargs)
+        # both files are checked before any work: a refusal leaves nothing half-written
+        for path in (trajectory, logfile):
+            if path is not None:
+                refuse_existing(Path(path), append, overwrite)
         progress_from_verbose(verbose, "", None)  # checks the value now
         self.verbose = verbose
         ensemble = ensemble.lower()
@@ -304,10 +323,10 @@ class MolecularDynamics:
         self.v0 = float(self.atoms.get_volume())
         self._checked: int | None = None  # last step whose cell passed the check
 
-        self.trajectory = (TrajectoryWriter(trajectory, self.atoms, append)
+        self.trajectory = (TrajectoryWriter(trajectory, self.atoms, append, overwrite=True)
                            if trajectory is not None else None)
         self.log = (TextLog(logfile, ["step", "time_ps", "Etot_eV", "Epot_eV", "Ekin_eV", "T_K",
-                                      "P_GPa", "volume_A3"], append)
+                                      "P_GPa", "volume_A3"], append, overwrite=True)
                     if logfile is not None else None)
         self.dyn.attach(self._check, interval=1)
         self.dyn.attach(self._write, interval=self.loginterval)

@@ -25,7 +25,7 @@ from ase import units
 from ase.stress import voigt_6_to_full_3x3_stress
 
 from fastchgnet.md.calculator import as_atoms, make_calculator
-from fastchgnet.md.dynamics import FrameRecorder, TextLog, TrajectoryWriter
+from fastchgnet.md.dynamics import FrameRecorder, TextLog, TrajectoryWriter, refuse_existing
 from fastchgnet.md.options import check_keywords, check_optimizer_keywords
 from fastchgnet.md.progress import progress_from_verbose
 from fastchgnet.sim.result import RelaxResult
@@ -110,6 +110,7 @@ class StructOptimizer:
         logfile: str | Path | None = None,
         loginterval: int = 1,
         verbose: bool | float = False,
+        overwrite: bool = False,
         **optimizer_kwargs: Any,
     ) -> RelaxResult:
         """Relax ``atoms`` (ASE ``Atoms``, relaxed in place, or a pymatgen ``Structure``).
@@ -128,6 +129,8 @@ class StructOptimizer:
             pressure: external hydrostatic pressure (GPa).
             trajectory, logfile: files written (and flushed) every ``loginterval`` steps; the
                 trajectory is ``.traj`` (ASE) or ``.xyz``/``.extxyz``.
+            overwrite: replace existing ``trajectory``/``logfile`` files; without it an existing
+                non-empty file is a ``FileExistsError`` (an earlier result is never lost).
             verbose: progress lines on stderr (step, energy, max|F|, max|σ|): ``True`` at most
                 every 2 s (and the last step), a number: that interval in seconds (0: every step).
             **optimizer_kwargs: passed to the optimiser (e.g. ``maxstep``); a keyword the optimiser
@@ -140,6 +143,9 @@ class StructOptimizer:
                                  reserved=("logfile",))
         if fmax <= 0 or (relax_cell and smax <= 0) or loginterval < 1:
             raise ValueError("fmax and smax must be > 0 and loginterval >= 1")
+        for path in (trajectory, logfile):  # before any work: a refusal leaves nothing half-written
+            if path is not None:
+                refuse_existing(Path(path), False, overwrite)
         given = atoms
         atoms = as_atoms(given)
         atoms.calc = self.calculator
@@ -150,9 +156,9 @@ class StructOptimizer:
         opt: Optimizer = self.optimizer_class(target, logfile=None, **optimizer_kwargs)
         progress = progress_from_verbose(verbose, f"relax {atoms.get_chemical_formula()}", steps)
         record = FrameRecorder(atoms)
-        writer = TrajectoryWriter(trajectory, atoms) if trajectory is not None else None
-        log = (TextLog(logfile, ["step", "energy_eV", "fmax_eV/A", "smax_GPa", "volume_A3"])
-               if logfile is not None else None)
+        writer = TrajectoryWriter(trajectory, atoms, overwrite=True) if trajectory is not None else None
+        log = (TextLog(logfile, ["step", "energy_eV", "fmax_eV/A", "smax_GPa", "volume_A3"],
+                       overwrite=True) if logfile is not None else None)
         converged, n, f_now, s_now = False, 0, float("inf"), float("inf")
         try:
             # fmax=0: the optimiser never stops on its own (generalised) forces; we judge
