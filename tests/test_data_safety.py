@@ -464,3 +464,14 @@ _atom_site_fract_z
     assert stats["skipped"] == 2 and stats["reasons"] == {"missing key": 2}  # both blocks read
     with pytest.raises(ValueError, match=r"two.cif: entry 1: no energy label"):
         list(read_ase(path, index="1"))
+
+
+def test_the_fast_path_envelope_passes_every_bound_and_is_cut_where_it_must_be():
+    """check_graph_size skips the full check only inside an envelope whose worst cell passes
+    every bound; with a large min_distance the envelope is not safe and the full check runs."""
+    from fastchgnet.data.graph import SAFE_DENSITY, SAFE_HEIGHT, _safe_envelope
+
+    assert _safe_envelope(6.0, 3.0, 0.5)
+    n = 1000
+    assert not graph_size_problems(n, n / SAFE_DENSITY, (SAFE_HEIGHT,) * 3, (True,) * 3)
+    assert not _safe_envelope(6.0, 3.0, 2.0)  # 0.5 atoms/Å^3 cannot all be 2 Å apart

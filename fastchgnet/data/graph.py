@@ -15,6 +15,8 @@ angles. Only the undirected bonds are stored (a directed bond is an undirected b
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -180,7 +182,8 @@ def cell_heights(lattice: np.ndarray) -> tuple[float, np.ndarray]:
     """(volume, heights): the cell volume (Å^3) and its three heights (Å), the distances between
     opposite faces (``h_a`` is the spacing of the lattice planes spanned by b and c)."""
     lat = np.asarray(lattice, dtype=np.float64)
-    cross = np.stack([np.cross(lat[1], lat[2]), np.cross(lat[2], lat[0]), np.cross(lat[0], lat[1])])
+    a, b = lat[[1, 2, 0]], lat[[2, 0, 1]]  # rows b x c, c x a, a x b (np.cross is slow on 3x3)
+    cross = a[:, [1, 2, 0]] * b[:, [2, 0, 1]] - a[:, [2, 0, 1]] * b[:, [1, 2, 0]]
     vol = abs(float(np.dot(lat[0], cross[0])))
     return vol, vol / np.maximum(np.linalg.norm(cross, axis=1), 1e-300)
 
@@ -301,12 +304,34 @@ def _formula(z: np.ndarray) -> str:
                    for i in order)
 
 
+# A periodic cell with at most SAFE_DENSITY atoms/Å^3 (diamond: 0.18) and every height at least
+# SAFE_HEIGHT passes every bound of graph_size_problems whenever the worst cell of that envelope
+# does (each bound grows with the density and with 1/height): the common case then costs no more
+# than the cell heights.
+SAFE_DENSITY = 0.5
+SAFE_HEIGHT = 1.0
+
+
+@functools.lru_cache(maxsize=16)
+def _safe_envelope(atom_cutoff: float, bond_cutoff: float, min_distance: float) -> bool:
+    """Whether the worst cell of the (SAFE_DENSITY, SAFE_HEIGHT) envelope passes every bound,
+    for these cutoffs (evaluated with many atoms, so that only the per-atom bounds count)."""
+    n = 1e6
+    return not graph_size_problems(n, n / SAFE_DENSITY, (SAFE_HEIGHT,) * 3, (True, True, True),
+                                   atom_cutoff=atom_cutoff, bond_cutoff=bond_cutoff,
+                                   min_distance=min_distance)
+
+
 def check_graph_size(z: np.ndarray, pos: np.ndarray, lat: np.ndarray, pbc: np.ndarray, *,
                      atom_cutoff: float, bond_cutoff: float, min_distance: float) -> np.ndarray:
     """Raise ValueError (naming the formula and the problem) for a cell too small, flat or dense
     to build a graph of (:func:`graph_size_problems`); return the fractional coordinates."""
     vol, heights = cell_heights(lat)
     frac = np.linalg.solve(lat.T, pos.T).T
+    n = z.shape[0]
+    if (pbc.all() and n <= SAFE_DENSITY * vol and float(heights.min()) >= SAFE_HEIGHT
+            and _safe_envelope(atom_cutoff, bond_cutoff, min_distance)):
+        return frac  # within the envelope every bound holds: skip the full check (hot path)
     spread = np.ptp(frac, axis=0) if frac.shape[0] else np.zeros(3)
     problems = graph_size_problems(z.shape[0], vol, heights, pbc, spread, atom_cutoff=atom_cutoff,
                                    bond_cutoff=bond_cutoff, min_distance=min_distance)
