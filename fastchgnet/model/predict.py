@@ -22,7 +22,8 @@ DEFAULT_MAX_ANGLES = 3_000_000
 # (test, convert) pairs: a model object for which ``test(obj)`` holds is replaced by
 # ``convert(obj)`` before predicting. ``fastchgnet.model`` registers the chgnet one
 # (``weights.is_chgnet_model``, ``weights.from_chgnet_model``); this module cannot import
-# ``weights`` itself (weights -> exact -> predict would be an import cycle).
+# ``weights`` itself (weights -> exact -> predict would be an import cycle). The package's
+# ``__init__`` runs before this module, so the chgnet adapter is always registered.
 _MODEL_ADAPTERS: list[tuple[Callable[[Any], bool], Callable[[Any], torch.nn.Module]]] = []
 
 
@@ -32,10 +33,6 @@ def register_model_adapter(test: Callable[[Any], bool],
     converted with ``convert(obj)`` (a fastchgnet model) first."""
     if (test, convert) not in _MODEL_ADAPTERS:
         _MODEL_ADAPTERS.append((test, convert))
-
-
-def _looks_like_chgnet(obj: Any) -> bool:
-    return type(obj).__module__.startswith("chgnet.") and hasattr(obj, "model_args")
 
 
 def as_fastchgnet_model(model: Any) -> torch.nn.Module:
@@ -50,10 +47,6 @@ def as_fastchgnet_model(model: Any) -> torch.nn.Module:
             params = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
             net = convert(model)
             return net.to(params.device) if params is not None else net
-    if _looks_like_chgnet(model):
-        raise TypeError("this is a chgnet.model.CHGNet: convert it once with "
-                        "fastchgnet.model.weights.from_chgnet_model(obj), or use "
-                        "fastchgnet.compat.chgnet.model.CHGNet.load() instead of chgnet's")
     raise TypeError(f"model must be a fastchgnet model, got {type(model).__module__}."
                     f"{type(model).__name__}")
 
