@@ -33,7 +33,12 @@ test: env
 BENCH_JSON ?= .benchmarks/latest.json
 BENCH_PATHS ?= benchmarks
 BENCH_ARGS ?=
-bench: env
+# the benchmark-only peers (matgl's CHGNet), installed beside the test extra
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PIP) install -q -e ".[test,peers]"
+	touch $@
+
+bench: env $(VENV)/.bench-installed
 	mkdir -p $(dir $(BENCH_JSON))
 	$(PY) -m pytest $(BENCH_PATHS) --benchmark-only -q --benchmark-json=$(BENCH_JSON) $(BENCH_ARGS)
 

@@ -38,9 +38,14 @@ ROOMS = {
     "md": {"data", "model", "sim", "compile"},
     "compat": {"data", "model", "sim", "compile", "md"},  # chgnet's API on ours (above md)
     "train": {"data", "model", "compile"},
+    "properties": {"data", "model", "sim", "md"},  # Hessian, charges, D3, EOS, phonons, elastic
+    "lammps": {"data", "model", "compile", "md"},  # fix external driver (across MPI ranks)
+    "torchsim": {"data", "model", "sim"},  # torch-sim ModelInterface
     "": {"data", "model", "md"},  # the package itself (public API; md imported lazily)
-    "bench": {"kernels", "nn", "data", "model", "sim", "compile", "md", "train", ""},
-    "cli": {"bench", "data", "model", "sim", "compile", "md", "train", ""},
+    "bench": {"kernels", "nn", "data", "model", "sim", "compile", "md", "train", "properties",
+              "lammps", "torchsim", ""},
+    "cli": {"bench", "data", "model", "sim", "compile", "md", "train", "properties", "lammps",
+            "torchsim", ""},
     "__main__": {"cli"},
 }
 
