@@ -379,8 +379,8 @@ def test_demo_trains_on_the_builtin_dataset(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("FASTCHGNET_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
-    assert main(["demo", "--limit", "12", "--epochs", "1", "--batch-size", "4", "--device", "cpu",
-                 "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--from-scratch", "--limit", "12", "--epochs", "1", "--batch-size", "4",
+                 "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "MAE on held-out" in text and "best.pt" in text and "parity plots" in text
     assert json.loads((out / "test.json").read_text())["n_test"] == 1

@@ -53,8 +53,9 @@ Modules
 ``common`` (:class:`Sample`, :class:`BadEntry`, :func:`make_sample`, :func:`check_structure`),
 ``json_stream`` (:func:`iter_json_top_level`), ``mptrj`` (:func:`read_mptrj`), ``mlearn``
 (:func:`read_mlearn`), ``ase_files`` (:func:`read_ase`), ``structures``
-(:func:`samples_from_structures`); this package's ``__init__`` picks the reader
-(:func:`detect_format`, :func:`read_dataset`) and re-exports their names.
+(:func:`samples_from_structures`), ``bundled`` (the datasets shipped with the package, named by a
+spec such as ``"mlearn:Ge"``: :func:`resolve_dataset_spec`); this package's ``__init__`` picks the
+reader (:func:`detect_format`, :func:`read_dataset`) and re-exports their names.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ import os
 from typing import Any, Iterator, Literal
 
 from fastchgnet.data.readers.ase_files import read_ase
+from fastchgnet.data.readers.bundled import is_dataset_spec, mlearn_path, mlearn_sets, resolve_dataset_spec
 from fastchgnet.data.readers.common import BadEntry, Sample, _suffix, check_structure, make_sample
 from fastchgnet.data.readers.json_stream import _peek_json_kind, iter_json_top_level
 from fastchgnet.data.readers.mlearn import read_mlearn
@@ -80,7 +82,9 @@ Format = Literal["auto", "mptrj", "extxyz", "asedb", "ase", "mlearn"]
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """The dataset format of a file: from its extension, and for JSON from its top level."""
+    """The dataset format of a file: from its extension, and for JSON from its top level. A
+    bundled-dataset spec (``"mlearn:Ge"``) is resolved to its file first."""
+    path = resolve_dataset_spec(path)  # type: ignore[assignment]
     ext = _suffix(path)
     if ext == ".json":
         return _peek_json_kind(path)
@@ -97,8 +101,11 @@ def read_dataset(path: str | os.PathLike, format: Format = "auto", **kw: Any) ->
     Formats: ``"mptrj"`` (:func:`read_mptrj`), ``"mlearn"`` (:func:`read_mlearn`), ``"extxyz"``,
     ``"asedb"`` and ``"ase"`` (any format ``ase.io`` knows; all :func:`read_ase`). ``"auto"``
     picks by extension (``.xyz``/``.extxyz``, ``.db``, ``.json``/``.json.gz``; others go to ASE) and,
-    for JSON, by the top level: an object of objects is MPtrj, a list is mlearn.
+    for JSON, by the top level: an object of objects is MPtrj, a list is mlearn. ``path`` may also
+    name a bundled dataset: ``"mlearn:Ge"`` (training set), ``"mlearn:Ge:test"``
+    (:func:`resolve_dataset_spec`).
     """
+    path = resolve_dataset_spec(path)  # type: ignore[assignment]
     if format == "auto":
         format = detect_format(path)  # type: ignore[assignment]
     if format == "mptrj":
@@ -120,11 +127,15 @@ __all__ = [
     "Sample",
     "check_structure",
     "detect_format",
+    "is_dataset_spec",
     "iter_json_top_level",
     "make_sample",
+    "mlearn_path",
+    "mlearn_sets",
     "read_ase",
     "read_dataset",
     "read_mlearn",
     "read_mptrj",
+    "resolve_dataset_spec",
     "samples_from_structures",
 ]
