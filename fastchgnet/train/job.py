@@ -30,6 +30,8 @@ not depend on the number of ranks, so a run may be resumed on a different number
 from __future__ import annotations
 
 import contextlib
+import inspect
+import itertools
 import json
 import os
 import time
@@ -40,8 +42,8 @@ import numpy as np
 import torch
 
 from fastchgnet.data.builtin import builtin_dataset_path, read_builtin
-from fastchgnet.data.cache import GraphCache, open_or_build
-from fastchgnet.data.readers import read_dataset
+from fastchgnet.data.cache import GraphCache, build_cache, open_or_build
+from fastchgnet.data.readers import read_dataset, resolve_dataset_spec
 from fastchgnet.device import resolve_device
 from fastchgnet.model.exact import CHGNet
 from fastchgnet.model.weights import load_model
@@ -101,7 +103,7 @@ def prepare_data(path: str | None, *, format: str = "auto", cache_root: str | os
             return read_builtin(source, skip_bad=skip_bad, stats=stats)
         fmt = "builtin"
     else:
-        source = Path(path)
+        source = Path(resolve_dataset_spec(path))  # 'mlearn:Ge[:test]' -> the bundled file
         if not source.is_file():
             raise FileNotFoundError(f"dataset {path} does not exist (or is not a file)")
 
@@ -113,9 +115,9 @@ def prepare_data(path: str | None, *, format: str = "auto", cache_root: str | os
         return {"source": str(source), "reader": dict(stats)}
 
     t0 = time.perf_counter()
-    cache = open_or_build(samples, source, root, options={"format": fmt}, atom_cutoff=atom_cutoff,
-                          bond_cutoff=bond_cutoff, workers=workers, skip_bad=skip_bad,
-                          meta_extra=meta_extra)
+    cache = _open_or_build(samples, source, root, workers, options={"format": fmt},
+                           atom_cutoff=atom_cutoff, bond_cutoff=bond_cutoff, skip_bad=skip_bad,
+                           meta_extra=meta_extra)
     built = time.perf_counter() - t0
     reader = cache.meta.get("reader", {})
     msg = f"data {source}: {len(cache)} samples (graph cache {cache.path}, {built:.1f} s)"
@@ -129,6 +131,38 @@ def prepare_data(path: str | None, *, format: str = "auto", cache_root: str | os
     if len(cache) == 0:
         raise ValueError(f"{source}: no usable samples")
     return cache
+
+
+#: a source file up to this size is read ahead to count its samples (:func:`_open_or_build`)
+_PEEK_BYTES = 256 << 20
+
+
+class _NeedsBuild(Exception):
+    """Raised by the probe of :func:`_open_or_build` when the cache does not exist yet."""
+
+
+def _needs_build() -> Iterator[Any]:
+    raise _NeedsBuild
+
+
+def _open_or_build(samples: Callable[[], Iterator[Any]], source: Path, root: Path,
+                   workers: int | None, **kw: Any) -> GraphCache:
+    """:func:`open_or_build`, building a source that fits in one shard in this process: worker
+    processes would get that one shard between them, and starting one (a fresh interpreter that
+    imports torch) costs more than building a few hundred graphs (1-3 s on an idle CPU, over 10 s on
+    a loaded one). A file of up to :data:`_PEEK_BYTES` whose cache is missing is read ahead by one
+    shard's worth of samples to know (the samples read are not read again)."""
+    if workers == 1 or source.stat().st_size > _PEEK_BYTES:
+        return open_or_build(samples, source, root, workers=workers, **kw)
+    try:  # open_or_build calls its samples function only when it has to build
+        return open_or_build(_needs_build, source, root, workers=workers, **kw)
+    except _NeedsBuild:
+        pass
+    shard = inspect.signature(build_cache).parameters["shard_size"].default
+    it = samples()
+    head = list(itertools.islice(it, shard + 1))
+    return open_or_build(lambda: itertools.chain(head, it), source, root,
+                         workers=1 if len(head) <= shard else workers, **kw)
 
 
 def _split(config: TrainConfig, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
