@@ -354,3 +354,13 @@ def test_python_api_never_overwrites_an_earlier_run(tmp_path, calc):
     assert rlog.read_text() == "keep me\n"
     StructOptimizer(calc).relax(s, logfile=rlog, steps=2, overwrite=True)
     assert "keep me" not in rlog.read_text()
+
+
+def test_relax_result_accepts_a_3x3_stress_from_another_calculator():
+    """chgnet's calculator reports a 3x3 stress; the relaxation's result must not fail on it."""
+    from fastchgnet.md.relax import _full_stress
+
+    voigt = np.array([1.0, 2.0, 3.0, 0.4, 0.5, 0.6])
+    full = _full_stress(voigt)
+    assert full.shape == (3, 3) and full[1, 2] == 0.4 and full[0, 1] == 0.6
+    np.testing.assert_array_equal(_full_stress(full), full)

@@ -20,8 +20,10 @@ from fastchgnet import __version__
 from fastchgnet.cli.bench import add_bench
 from fastchgnet.cli.common import floats_arg, read_structures, summarize
 from fastchgnet.cli.demo import add_demo
+from fastchgnet.cli.lammps import add_lammps
 from fastchgnet.cli.md import add_md, add_relax
 from fastchgnet.cli.predict import add_predict
+from fastchgnet.cli.properties import add_elastic, add_eos, add_phonons
 from fastchgnet.cli.train import add_evaluate, add_train
 
 # Imports are at module level (fastchgnet.train and fastchgnet.md add a few percent to
@@ -36,7 +38,7 @@ __all__ = ["COMMANDS", "AddCommand", "build_parser", "floats_arg", "main", "read
 AddCommand = Callable[["argparse._SubParsersAction"], None]
 
 COMMANDS: list[AddCommand] = [add_bench, add_predict, add_demo, add_train, add_evaluate, add_relax,
-                              add_md]
+                              add_md, add_lammps, add_eos, add_phonons, add_elastic]
 
 
 def register_command(add: AddCommand) -> None:

@@ -83,6 +83,9 @@ class StructOptimizer:
         model: ``"0.3.0"``, a checkpoint path, a fastchgnet model, or an ASE calculator.
         optimizer: ``"FIRE"`` (default), ``"BFGS"``, ... or an ASE ``Optimizer`` class.
         device, dtype, on_isolated_atoms: for a calculator made here.
+        compile: for a calculator made here: ``"auto"`` (default: eager until the model calls
+            have taken about one compilation's time, then compiled), ``True`` or ``False``
+            (see :class:`~fastchgnet.md.CHGNetCalculator`).
 
     ``model`` may also be a ``chgnet.model.CHGNet`` object (converted once). chgnet's keyword
     names (``optimizer_class``, ``use_device``...) raise a ``TypeError`` naming ours.
@@ -90,10 +93,11 @@ class StructOptimizer:
 
     def __init__(self, model: Any = "0.3.0", optimizer: Any = "FIRE", *,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 on_isolated_atoms: str = "error", **kwargs: Any) -> None:
+                 on_isolated_atoms: str = "error", compile: bool | str = "auto",
+                 **kwargs: Any) -> None:
         check_keywords("StructOptimizer", kwargs)
         self.calculator = make_calculator(model, device=device, dtype=dtype,
-                                          on_isolated_atoms=on_isolated_atoms)
+                                          on_isolated_atoms=on_isolated_atoms, compile=compile)
         self.optimizer_class = _optimizer_class(optimizer)
 
     def relax(
@@ -188,10 +192,15 @@ class StructOptimizer:
         return RelaxResult(structure=atoms if atoms is given else final,
                            energy=float(atoms.get_potential_energy()), converged=converged, steps=n,
                            forces=np.array(atoms.get_forces()),
-                           stress=(None if voigt is None
-                                   else voigt_6_to_full_3x3_stress(voigt) / units.GPa),
+                           stress=(None if voigt is None else _full_stress(voigt) / units.GPa),
                            fmax=f_now, smax=s_now, atoms=atoms, final_structure=final,
                            trajectory=record)
+
+
+def _full_stress(stress: Any) -> np.ndarray:
+    """3x3 from an ASE calculator's stress, Voigt (6,) or already 3x3 (chgnet's calculator)."""
+    stress = np.asarray(stress, dtype=float)
+    return stress if stress.shape == (3, 3) else voigt_6_to_full_3x3_stress(stress)
 
 
 def _progress_fields(atoms: Any, f_now: float, s_now: float, relax_cell: bool) -> str:
