@@ -23,6 +23,12 @@ def test_ratios_of_reads_one_ratio_per_group_and_skips_missing():
     assert ratios_of(doc) == {"a": 3.0}
 
 
+def test_ratios_of_reads_peer_ratios_as_cases_of_their_own():
+    doc = {"benchmarks": [{"group": "peers md Si-64 1t",
+                           "extra_info": {"ratio": 2.5, "peer_ratios": {"matgl": 1.3, "x": None}}}]}
+    assert ratios_of(doc) == {"peers md Si-64 1t": 2.5, "peers md Si-64 1t vs matgl": 1.3}
+
+
 def test_compare_fails_only_beyond_the_margin_and_names_the_case():
     base = {"md LiMnO2": 4.0, "train b8": 3.0, "gone": 2.0}
     failures, notes = compare({"md LiMnO2": 3.1, "train b8": 2.0, "new": 1.5}, base, margin=0.25)

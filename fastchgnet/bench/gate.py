@@ -13,7 +13,9 @@ side by side in one run varies much less. ``make bench`` saves pytest-benchmark 
   a run (commit it with the device and versions it records).
 
 A case is a pytest-benchmark group (one per structure/batch/variant), which the ``ours`` and
-``chgnet`` tests share.
+``chgnet`` tests share. A case measured against further peers in the same run (the peers
+benchmark: matgl's CHGNet) also stores ``extra_info["peer_ratios"] = {peer: peer median / ours
+median}``; each becomes a case of its own, ``"<group> vs <peer>"``.
 """
 
 from __future__ import annotations
@@ -35,13 +37,20 @@ DEFAULT_MARGIN = 0.25
 
 def ratios_of(results: dict[str, Any]) -> dict[str, float]:
     """``{case: ratio}`` of a pytest-benchmark JSON document (one entry per group that has a
-    finite ``extra_info["ratio"]``)."""
+    finite ``extra_info["ratio"]``, and one per entry of ``extra_info["peer_ratios"]``)."""
     out: dict[str, float] = {}
     for bench in results.get("benchmarks", []):
-        ratio = (bench.get("extra_info") or {}).get("ratio")
+        info = bench.get("extra_info") or {}
         case = bench.get("group") or bench.get("name")
-        if isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0 and case:
-            out[case] = float(ratio)
+        if not case:
+            continue
+        peers = info.get("peer_ratios")
+        named = {case: info.get("ratio")}
+        if isinstance(peers, dict):
+            named.update({f"{case} vs {peer}": r for peer, r in peers.items()})
+        for name, ratio in named.items():
+            if isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0:
+                out[name] = float(ratio)
     return out
 
 
