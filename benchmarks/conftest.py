@@ -8,6 +8,12 @@ Every case is parametrised by ``impl`` (``chgnet``, ``ours``) and both tests of 
 benchmark group, so they are listed side by side. The ratio ``chgnet median / ours median`` is put
 into the ``extra_info`` of both as soon as both have run (see :class:`RatioBook`), and printed in
 a summary table at the end of the session.
+
+Every case also records the thread setting it ran with (torch intra-op threads, ``OMP_WAIT_POLICY``
+and ``OMP_NUM_THREADS``; ``"unset"`` for libgomp's defaults) in its ``extra_info``, and the run
+records it in the JSON's ``machine_info["fastchgnet_runtime"]``: a 2-thread run on a shared
+machine with libgomp's default wait policy can be many times slower (docs/performance.md,
+"Threads").
 """
 
 from __future__ import annotations
@@ -28,14 +34,41 @@ from fastchgnet.bench.common import (
     reference_converter,
 )
 
+# the cases time the eager and the compiled model call each on purpose: the ASE calculator's
+# compile="auto" default (eager, then compiled after 60 s of model calls) must not switch a
+# case from one to the other in the middle of a run (an explicit FASTCHGNET_COMPILE is kept)
+os.environ.setdefault("FASTCHGNET_COMPILE", "never")
+
 DEVICE = bench_device_from_env(warn=True)
 # FASTCHGNET_BENCH_THREADS: torch intra-op threads for the run (default: torch's own setting)
 if os.environ.get("FASTCHGNET_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["FASTCHGNET_BENCH_THREADS"]))
 
 
+def runtime_setting() -> dict[str, object]:
+    """The thread setting of this run (see the module docstring)."""
+    return {"torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset")}
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    return [f"fastchgnet benchmarks: {format_environment(environment(DEVICE))}"]
+    rt = runtime_setting()
+    return [f"fastchgnet benchmarks: {format_environment(environment(DEVICE))}",
+            f"threads: torch {rt['torch_threads']}, OMP_WAIT_POLICY {rt['omp_wait_policy']}, "
+            f"OMP_NUM_THREADS {rt['omp_num_threads']}"]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    machine_info["fastchgnet_runtime"] = runtime_setting()
+
+
+@pytest.fixture(autouse=True)
+def _record_runtime(request: pytest.FixtureRequest) -> None:
+    """Put the thread setting into the ``extra_info`` of every benchmark case."""
+    if "benchmark" in request.fixturenames:
+        request.getfixturevalue("benchmark").extra_info.update(runtime_setting())
 
 
 # ----------------------------------------------------------------------------------------------

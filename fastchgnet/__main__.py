@@ -1,8 +1,8 @@
-"""``python -m fastchgnet ...``: the ``fastchgnet`` command."""
+"""``python -m fastchgnet ...``: the ``fastchgnet`` command (its start-up: :mod:`fastchgnet.cli.launch`)."""
 
 import sys
 
-from fastchgnet.cli import main
+from fastchgnet.cli.launch import console_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -1,40 +1,56 @@
 #!/usr/bin/env bash
-# GPU session kit: tests and benchmarks of fastchgnet on a lent GPU machine, in one command each.
+# GPU session kit: tests and benchmarks of fastchgnet on a lent GPU machine.
 #
-#   bash scripts/gpu_session.sh part1    # CUDA test suite, training-step benchmarks
-#   bash scripts/gpu_session.sh part2    # MD step (eager, compiled, CUDA graphs, 2,000 atoms),
-#                                        # largest cell in 30 GB, scaling inputs
-#   bash scripts/gpu_session.sh part3    # fused kernels, device graph, trainer benchmarks
-#   bash scripts/gpu_session.sh all      # all three (longer than one 10-minute device command)
+#   bash scripts/gpu_session.sh            # = kit: the one 9-minute session (below)
+#   bash scripts/gpu_session.sh kit        # CUDA test subset, kernel benchmarks, training step vs
+#                                          # chgnet at batch 16/32/64 (time, peak memory, kernel
+#                                          # launches), MD step (eager, compiled, CUDA graphs)
+#   bash scripts/gpu_session.sh part1|part2|part3|all    # the longer, older split (~8 min each):
+#                                          # part2 adds the largest cell in 30 GB and the scaling
+#                                          # inputs, part3 the device graph and the trainer
 #
-# The parts are in order of importance; three fit in one 30-minute session (~8 minutes each plus
-# the machine's start). Each part is planned to end in under ~8 minutes: every step runs under its own `timeout`
-# (KIT_T_<STEP> seconds, defaults below) and a failed or timed-out step does not stop the rest.
-# Results go to $OUT (at most 8 files; more are packed into one .tar.gz); the step summary is
-# printed last and appended to env.txt.
+# A lent GPU comes with 15 minutes of device time in all, machine start included, so `kit` is
+# planned to end in under 9 minutes: every stage runs under its own `timeout` (KIT_T_<STAGE>
+# seconds, defaults below; their sum plus set-up is 8.5 minutes) and a failed or timed-out stage
+# does not stop the rest. Everything goes into one folder, $OUT/gpu-kit-<time>/ ($OUT defaults to
+# a new temporary directory): versions.json (device, driver, CUDA, torch, triton, python, git
+# commit), env.txt, session log, one result file per stage and summary.txt (one line per stage:
+# ok / FAILED rc / TIMED OUT, seconds, result file). With more than 8 files the folder is also
+# packed into one .tar.gz next to it (the device tool returns few files); summary.txt and
+# versions.json stay unpacked beside it.
 #
-# Setup on the machine (GPU image: python3 3.12 with torch, triton, numpy, scipy, pytest ...):
+# Setup on the machine (GPU image: python3 with torch, triton, numpy, scipy, pytest ...):
 # the wheels in .whl/ (pymatgen, ase, chgnet and what they need beyond the image) are installed
 # into /tmp/site, .shared/data is made visible as ../shared/data (where tests/conftest.py and
 # fastchgnet.bench look), and the repository is installed editable when `fastchgnet.kernels`
 # (the kernels/ directory, mapped by pyproject.toml) does not import yet.
 #
-# Local check of the same steps on the CPU with tiny sizes (pytest files only collected):
-#   FASTCHGNET_GPU_KIT_DEVICE=cpu PY=.venv/bin/python bash scripts/gpu_session.sh all
-# (no wheel install, no ../shared link; $OUT defaults to a new temporary directory).
+# Dry run on the CPU (tiny versions of every stage, no wheel install, no ../shared link): check
+# the kit before a GPU session with
+#   GPU_KIT_DRY=1 PY=.venv/bin/python bash scripts/gpu_session.sh kit
+# (FASTCHGNET_GPU_KIT_DEVICE=cpu is the same). It takes a few minutes on 2 CPU cores.
 set -u -o pipefail
 
-PART=${1:-}
+PART=${1:-kit}
 case "$PART" in
-    part1|part2|part3|all) ;;
-    *) echo "usage: bash scripts/gpu_session.sh part1|part2|part3|all" >&2; exit 2 ;;
+    kit|part1|part2|part3|all) ;;
+    *) echo "usage: bash scripts/gpu_session.sh [kit|part1|part2|part3|all]" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD
-DEV=${FASTCHGNET_GPU_KIT_DEVICE:-cuda}
+if [ "${GPU_KIT_DRY:-0}" = 1 ]; then
+    DEV=cpu
+else
+    DEV=${FASTCHGNET_GPU_KIT_DEVICE:-cuda}
+fi
 PY=${PY:-python3}
 OUT=${OUT:-$(mktemp -d /tmp/gpu-session.XXXXXX)}
+if [ "$PART" = kit ]; then
+    FOLDER_NAME=gpu-kit-$(date -u +%Y%m%dT%H%M%SZ)
+    OUT="$OUT/$FOLDER_NAME"
+fi
 mkdir -p "$OUT"
+KIT_T0=$SECONDS
 export PYTHONUNBUFFERED=1
 LOG="$OUT/session-$PART.log"
 SUMMARY=()
@@ -65,7 +81,7 @@ step() {
     elif [ "$rc" -ne 0 ]; then
         what="FAILED rc=$rc"
     fi
-    SUMMARY+=("$name: $what ($((SECONDS - t0)) s)")
+    SUMMARY+=("$name: $what ($((SECONDS - t0)) s)${RESULT:+ -> $RESULT}")
     log "$name: $what ($((SECONDS - t0)) s)"
 }
 
@@ -134,6 +150,77 @@ EOF
     tee -a "$LOG" < "$env"
 }
 
+# versions.json: what the numbers were measured with (device, driver, CUDA, torch, triton ...)
+write_versions() {
+    GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown) KIT_PART=$PART KIT_DEV=$DEV \
+        "$PY" - "$OUT/versions.json" <<'EOF2' 2>&1 | tee -a "$LOG"
+import json, os, platform, subprocess, sys, time
+info = {"kit": os.environ["KIT_PART"], "device_requested": os.environ["KIT_DEV"],
+        "dry_run": os.environ["KIT_DEV"] == "cpu", "git_commit": os.environ["GIT_COMMIT"],
+        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "python": sys.version.split()[0],
+        "platform": platform.platform(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
+for name in ("torch", "triton", "numpy", "pymatgen.core", "ase", "chgnet", "fastchgnet"):
+    try:
+        mod = __import__(name, fromlist=["_"])
+        info[name.split(".")[0]] = getattr(mod, "__version__", "?")
+    except Exception as exc:
+        info[name.split(".")[0]] = f"import failed: {exc!r}"
+try:
+    import torch
+    info["cuda"] = torch.version.cuda
+    info["torch_threads"] = torch.get_num_threads()
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info["device"] = f"{p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs)"
+    else:
+        info["device"] = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+except Exception as exc:
+    info["device"] = f"torch query failed: {exc!r}"
+try:
+    info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=20).stdout.strip() or None
+except Exception:
+    info["driver"] = None
+json.dump(info, open(sys.argv[1], "w"), indent=1)
+print(json.dumps(info))
+EOF2
+}
+
+# kit: the one session that fits the GPU time (see the header); each stage under its own timeout
+kit() {
+    local tests=(tests/test_kernels_radial.py tests/test_kernels_angle.py tests/test_kernels_gated.py
+                 tests/test_kernels_model.py
+                 tests/test_device_graph.py::test_cuda_matches_cpu_and_syncs_once
+                 tests/test_no_host_sync.py::test_forward_no_host_sync_cuda
+                 tests/test_export.py::test_cuda_graph_replay_equals_eager
+                 tests/test_trainer.py::test_tf32_accuracy_holds_on_cuda)
+    local pyargs=(-q -p no:cacheprovider -m "not slow" --junitxml "$OUT/pytest-$TAG.xml" --maxfail 25)
+    has_module pytest_timeout && pyargs+=(--timeout 60)
+    local train=(--batch-sizes 16,32,64 --models exact,heads --repeats 5 --warmup 2)
+    local kern=(--benchmark-only --benchmark-json "$OUT/$TAG-kernels.json")
+    local md=(--repeats 10 --warmup 3 --large 2000 --variants eager,compiled,cudagraph)
+    if [ "$DRY" = 1 ]; then
+        # tiny versions on the CPU: a few quick tests (the CUDA ones skip), the kernels collected only
+        tests+=(tests/test_compile_default.py)
+        pyargs+=(-k "cuda or policy_values or wait_policy or console_script or compiler_probe")
+        train=(--batch-sizes 2 --max-atoms 8 --models exact --repeats 1 --warmup 1)
+        kern=(--collect-only -q)
+        md=(--repeats 1 --warmup 1 --variants eager --no-reference)
+    fi
+    # a 2-core CPU is much slower than the GPU machine: the dry run gets 3x the time per stage
+    local x=1
+    [ "$DRY" = 1 ] && x=3
+    RESULT=pytest-$TAG.xml STEP_LOG="$OUT/pytest-$TAG.log" step tests $((x * ${KIT_T_TESTS:-110})) \
+        "$PY" -m pytest "${tests[@]}" "${pyargs[@]}"
+    RESULT=$TAG-kernels.json step kernels $((x * ${KIT_T_KERNELS:-70})) "$PY" -m pytest \
+        benchmarks/test_bench_kernels.py -p no:cacheprovider "${kern[@]}"
+    RESULT=$TAG-train-step.json step train-step $((x * ${KIT_T_TRAIN:-150})) "$PY" -m fastchgnet.bench.train_step \
+        --device "$DEV" "${train[@]}" --json "$OUT/$TAG-train-step.json"
+    RESULT=$TAG-md-step.json step md-step $((x * ${KIT_T_MD:-100})) "$PY" -m fastchgnet.bench.md \
+        --device "$DEV" "${md[@]}" --json "$OUT/$TAG-md-step.json"
+    RESULT=
+}
+
 # sizes: the GPU runs' defaults, or tiny ones for the local CPU check
 if [ "$DRY" = 1 ]; then
     TRAIN=(--batch-sizes 2 --max-atoms 8 --repeats 1 --warmup 1)
@@ -194,9 +281,24 @@ part3() {
 # at most 8 files come back from $OUT: pack them into one archive when there are more
 finish() {
     {
-        echo "# steps"
+        echo "# gpu_session.sh $PART on $DEV, $(date -u +%Y-%m-%dT%H:%M:%SZ), $((SECONDS - KIT_T0)) s in all"
+        echo "# stages (ok / FAILED rc / TIMED OUT, seconds, result file)"
         printf '%s\n' "${SUMMARY[@]}"
-    } | tee -a "$OUT/env.txt" "$LOG"
+    } | tee "$OUT/summary.txt" | tee -a "$OUT/env.txt" "$LOG"
+    if [ "$PART" = kit ]; then
+        local n
+        n=$(find "$OUT" -type f | wc -l)
+        if [ "$n" -gt 8 ]; then
+            (cd "$OUT/.." && tar czf "$FOLDER_NAME.tar.gz" "$FOLDER_NAME" && \
+                cp "$FOLDER_NAME/summary.txt" "$FOLDER_NAME-summary.txt" && \
+                cp "$FOLDER_NAME/versions.json" "$FOLDER_NAME-versions.json" && \
+                rm -rf "$FOLDER_NAME") && \
+                echo "== $n files packed into $(dirname "$OUT")/$FOLDER_NAME.tar.gz (summary and versions beside it)"
+        fi
+        echo "== results:"
+        ls -la "$(dirname "$OUT")"
+        return
+    fi
     local n
     n=$(find "$OUT" -type f | wc -l)
     if [ "$n" -gt 8 ]; then
@@ -210,7 +312,9 @@ finish() {
 log "gpu_session.sh $PART on $DEV, results in $OUT"
 setup
 write_env
+write_versions
 case "$PART" in
+    kit) kit ;;
     part1) part1 ;;
     part2) part2 ;;
     part3) part3 ;;

@@ -12,6 +12,10 @@ from pathlib import Path
 
 # Triton kernels run on the CPU through the interpreter; it must be chosen before any kernel module
 # is imported. With a GPU the kernels are compiled for it instead.
+# The calculator's compile="auto" compiles with Inductor once model calls have taken 60 s; a test
+# run must not start a compilation half-way through (test_compile_default.py asks for it itself).
+os.environ.setdefault("FASTCHGNET_COMPILE", "never")
+
 if os.environ.get("TRITON_INTERPRET") is None:
     import torch as _torch
 

@@ -10,10 +10,15 @@ import textwrap
 import torch
 
 STATE_SNIPPET = textwrap.dedent("""
-    import json, torch
+    import json, os, torch
+    import torch._dynamo.eval_frame
 
     def state():
         return {
+            "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS",
+                                                   "FASTCHGNET_LAUNCH_DEFAULTS", "MKL_NUM_THREADS")},
+            "dynamo_cache_size_limit": torch._dynamo.config.cache_size_limit,
+            "compiler_stance": str(getattr(torch._dynamo.eval_frame, "_stance", None)),
             "default_dtype": str(torch.get_default_dtype()),
             "num_threads": torch.get_num_threads(),
             "num_interop_threads": torch.get_num_interop_threads(),
@@ -49,6 +54,8 @@ def test_import_does_not_change_torch_state():
             import fastchgnet.kernels
         except ImportError:
             pass
+        import fastchgnet.md.calculator, fastchgnet.compile.auto, fastchgnet.cli.launch
+        import fastchgnet.cli
         after = state()
         print(json.dumps({"before": before, "after": after}))
     """)
@@ -80,3 +87,22 @@ def test_in_process_state_unchanged_by_predict(model):
         model.predict(make("rocksalt", ["Na", "Cl"]), task="efsm")
         assert not torch.is_grad_enabled()
     assert (torch.get_default_dtype(), torch.get_num_threads(), torch.is_grad_enabled()) == before
+
+
+def test_calculator_with_compile_policy_leaves_state_alone():
+    """The calculator's compile policy (default "auto", and an explicit compile=True guard that
+    is never called) changes neither the environment, torch's threads, nor Dynamo's settings."""
+    res = run_python("""
+        before = state()
+        from fastchgnet.data.prototypes import make
+        from fastchgnet.md.calculator import CHGNetCalculator
+        from ase.build import bulk
+        calc = CHGNetCalculator("0.3.0", device="cpu")
+        atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+        atoms.calc = calc
+        atoms.get_forces()
+        CHGNetCalculator("0.3.0", device="cpu", compile=True)
+        after = state()
+        print(json.dumps({"before": before, "after": after}))
+    """)
+    assert res["before"] == res["after"]

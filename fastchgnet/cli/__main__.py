@@ -2,7 +2,7 @@
 
 import sys
 
-from fastchgnet.cli import main
+from fastchgnet.cli.launch import console_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -35,12 +35,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graph", default="auto", choices=["auto", "host", "device"],
                    help="build graphs on the host or on the model's device with a Verlet skin "
                         "[%(default)s: device on CUDA, host on the CPU]")
+    p.add_argument("--compile", default="auto", choices=["auto", "always", "never"],
+                   help="compile the model call with torch.compile (Inductor): auto = eager until "
+                        "the model calls have taken about one compilation's time (60 s), then "
+                        "compiled [%(default)s]")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="never",
+                   help="same as --compile never")
 
 
 def _calculator(args: argparse.Namespace):
     return CHGNetCalculator(args.model, device=resolve_device(args.device),
                             dtype=torch.float64 if args.float64 else None,
-                            on_isolated_atoms=args.on_isolated_atoms, graph=args.graph)
+                            on_isolated_atoms=args.on_isolated_atoms, graph=args.graph,
+                            compile=getattr(args, "compile", "auto"))
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:
@@ -116,6 +123,7 @@ def run_relax(args: argparse.Namespace) -> int:
                       "max|F| eV/A", "max|s| GPa", "volume A^3"], rows))
     print(f"# relaxed structures (<name>.cif, <name>.extxyz, with magmoms), trajectories and logs "
           f"in {out}/: " + ", ".join(st.name for st in stems))
+    _report_compile(opt.calculator)
     return 1 if failed else 0
 
 
@@ -189,4 +197,12 @@ def run_md(args: argparse.Namespace) -> int:
     print(f"# done: {dt:.1f} s ({dt / max(args.steps, 1) * 1e3:.1f} ms/step); final T "
           f"{a.get_temperature():.1f} K, Epot {a.get_potential_energy() / len(a):.5f} eV/atom, "
           f"volume {a.get_volume():.2f} A^3")
+    _report_compile(md.atoms.calc)
     return 0
+
+
+def _report_compile(calc) -> None:
+    """One line on stderr when the model call was compiled or fell back (nothing for eager)."""
+    rep = getattr(calc, "compile_report", None)
+    if rep is not None and (rep.compiles or rep.mode != "eager"):
+        print(f"# {rep.summary()}", file=sys.stderr, flush=True)

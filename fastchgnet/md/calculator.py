@@ -10,6 +10,11 @@ Structures reach the model through one method, :meth:`CHGNetCalculator.atoms_to_
 graph is built on the host (``graph="host"``, :func:`fastchgnet.data.build_graph`) or on the
 model's device with a Verlet-skin neighbour list reused between MD steps (``graph="device"``,
 :mod:`fastchgnet.data.device_graph`; the default on CUDA).
+
+The model call is compiled with Inductor when that pays (``compile="auto"``, the default: eager
+until the model calls have taken about one compilation's time, then compiled; see
+:mod:`fastchgnet.compile.auto`). ``compile=False`` keeps it eager, ``compile=True`` compiles at
+the first call; ``calc.compile_report`` says what happened and what it cost.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 from ase.units import GPa
 
+from fastchgnet.compile.auto import COMPILE_AFTER_S, CompileReport, GuardedForward
 from fastchgnet.data.batch import Batch, collate
 from fastchgnet.data.device_graph import make_builder
 from fastchgnet.data.graph import build_graph
@@ -101,7 +107,22 @@ class CHGNetCalculator(Calculator):
             magnetic moments, e.g. for NVE/NVT MD where only forces matter).
         forward: replaces the model call: ``forward(batch, task) -> outputs``, e.g.
             ``fastchgnet.compile.CompiledForward(model)`` or ``CUDAGraphForward(model)``
-            (without per-site energies in its outputs, ``energies`` is not available).
+            (without per-site energies in its outputs, ``energies`` is not available). A
+            ``forward`` given here is used as it is: ``compile`` does not apply to it.
+        compile: ``"auto"`` (default), ``True``/``"always"`` or ``False``/``"never"``: whether the
+            model call runs through ``torch.compile`` (Inductor, dynamic shapes: no
+            recompilation when the numbers of atoms, bonds or angles change). ``"auto"`` runs
+            eagerly until the model calls have taken ``compile_after_s`` seconds in total and
+            then compiles, so single points and short relaxations never wait for a compilation
+            and long MD runs get the faster call. Without a usable compiler (no C++ compiler
+            for the CPU, no Triton for CUDA), or when a compiled call fails, the calculator
+            runs eagerly and logs one warning on the ``"fastchgnet"`` logger. The environment
+            variable ``FASTCHGNET_COMPILE`` (``auto``, ``always``, ``never``) overrides the
+            ``"auto"`` default.
+        compile_after_s: seconds of eager model calls before ``"auto"`` compiles (default 60, about
+            one compilation on a 2-core CPU).
+        max_compiles: at most this many compilations (a new task string is one, sizes are not);
+            past it, a call that would need another runs eagerly.
         **kwargs: ASE's own ``Calculator`` arguments (``label``, ``directory``, ``restart``,
             ``ignore_bad_restart_file``, ``atoms``). Any other keyword is a ``TypeError``; chgnet's
             names (``use_device``, ``stress_weight``...) get a message naming the fastchgnet
@@ -124,6 +145,9 @@ class CHGNetCalculator(Calculator):
         skin: float = 1.0,
         task: str = "efsm",
         forward: Callable[[Batch, str], dict[str, torch.Tensor]] | None = None,
+        compile: bool | str = "auto",
+        compile_after_s: float = COMPILE_AFTER_S,
+        max_compiles: int = 4,
         **kwargs: Any,
     ) -> None:
         check_keywords(type(self).__name__, kwargs, ASE_CALCULATOR_KEYWORDS)
@@ -140,6 +164,11 @@ class CHGNetCalculator(Calculator):
         self.task = task
         self.skin = float(skin)
         self.forward = forward
+        if compile == "auto":
+            compile = os.environ.get("FASTCHGNET_COMPILE", "auto") or "auto"
+        # the model call, eager or compiled (the guard decides; see fastchgnet.compile.auto)
+        self._guard = GuardedForward(self._eager_call, device=self.device, policy=compile,
+                                     compile_after_s=compile_after_s, max_compiles=max_compiles)
         self.graph_mode = self._pick_graph_mode(graph)
         self.n_calls = 0  # model evaluations, for tests and logs
         self._device_graph: Any = None
@@ -164,6 +193,12 @@ class CHGNetCalculator(Calculator):
     @property
     def n_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def compile_report(self) -> CompileReport | None:
+        """What compiling the model call cost and gave (mode, compilations, their seconds, compiled
+        and eager calls); None when a ``forward`` replaces the model call."""
+        return None if self.forward is not None else self._guard.report
 
     def _pick_graph_mode(self, graph: str) -> str:
         if graph == "auto":
@@ -200,8 +235,11 @@ class CHGNetCalculator(Calculator):
         a ``forward`` replaces the model call."""
         if self.forward is not None:
             return self.forward(batch, task or self.task)
-        return self.model(batch, task=task or self.task, create_graph=False,
-                          return_site_energies=True, return_crystal_feas=self._crystal_feas)
+        return self._guard(batch, task or self.task)
+
+    def _eager_call(self, batch: Batch, task: str) -> dict[str, torch.Tensor]:
+        return self.model(batch, task=task, create_graph=False, return_site_energies=True,
+                          return_crystal_feas=self._crystal_feas)
 
     def calculate(self, atoms: Any = None, properties: Sequence[str] | None = None,
                   system_changes: Sequence[str] = all_changes) -> None:
@@ -258,10 +296,10 @@ def as_atoms(structure: Any) -> Any:
 
 def make_calculator(model: Any = "0.3.0", *, device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None, on_isolated_atoms: str = "error",
-                    **kwargs: Any) -> Calculator:
+                    compile: bool | str = "auto", **kwargs: Any) -> Calculator:
     """``model`` itself when it is an ASE calculator, else a :class:`CHGNetCalculator` of it
     (a pretrained name, a checkpoint path, a fastchgnet model or a chgnet ``CHGNet``)."""
     if isinstance(model, Calculator):
         return model
     return CHGNetCalculator(model, device=device, dtype=dtype, on_isolated_atoms=on_isolated_atoms,
-                            **kwargs)
+                            compile=compile, **kwargs)

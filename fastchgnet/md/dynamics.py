@@ -245,6 +245,9 @@ class MolecularDynamics:
             :func:`check_cell`).
         device, dtype, on_isolated_atoms: for a calculator made here (see
             :class:`~fastchgnet.md.CHGNetCalculator`).
+        compile: for a calculator made here: ``"auto"`` (default: eager until the model calls
+            have taken about one compilation's time, then compiled with Inductor), ``True``
+            (compile at the first step) or ``False`` (always eager).
         verbose: progress lines on stderr during :meth:`run` (step, temperature, energy):
             ``True`` at most every 2 s (and the last step), a number: that interval in seconds.
 
@@ -276,6 +279,7 @@ class MolecularDynamics:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         on_isolated_atoms: str = "error",
+        compile: bool | str = "auto",
         verbose: bool | float = False,
         **kwargs: Any,
     ) -> None:
@@ -301,7 +305,7 @@ class MolecularDynamics:
             raise ValueError("timestep must be > 0, loginterval >= 1 and max_volume_ratio > 1")
         self.atoms = as_atoms(atoms)
         self.atoms.calc = make_calculator(model, device=device, dtype=dtype,
-                                          on_isolated_atoms=on_isolated_atoms)
+                                          on_isolated_atoms=on_isolated_atoms, compile=compile)
         self.ensemble, self.thermostat = ensemble, thermostat
         self.temperature, self.timestep, self.pressure = temperature, timestep, pressure
         self.loginterval = int(loginterval)
