@@ -133,7 +133,7 @@ def _our_calculators(model: Any, device: str, variants: tuple[str, ...]) -> dict
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown MD-step variants {sorted(unknown)}; use {list(VARIANTS)}")
-    calcs = {"ours": CHGNetCalculator(model)}
+    calcs = {"ours": CHGNetCalculator(model, compile=False)}
     if "compiled" in variants:
         calcs["ours_compiled"] = CHGNetCalculator(model, forward=CompiledForward(model))
     if "cudagraph" in variants:
@@ -235,7 +235,7 @@ def largest_cell(device: str = "cuda", *, memory_gb: float | None = 30.0, start:
                                                    torch.device(device))
     try:
         model, _ = load_our_model(device)
-        calcs: dict[str, Any] = {"ours": CHGNetCalculator(model, task="efs")}
+        calcs: dict[str, Any] = {"ours": CHGNetCalculator(model, task="efs", compile=False)}
         if reference:
             ref = reference_calculator(device)
             if ref is not None:

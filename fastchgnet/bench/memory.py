@@ -231,7 +231,7 @@ def md_memory(n_atoms: Sequence[int] = (512, 1000, 2000), *, reference: bool = T
     calcs: dict[str, Any] = {}
     if ours:
         model, _ = load_our_model("cpu")
-        calcs["ours"] = CHGNetCalculator(model, task="efs")
+        calcs["ours"] = CHGNetCalculator(model, task="efs", compile=False)
     if reference:
         ref = reference_calculator("cpu")
         if ref is not None:

@@ -108,7 +108,7 @@ class Peers:
         from fastchgnet.md.calculator import CHGNetCalculator
 
         with quiet():
-            calcs = {"ours": CHGNetCalculator(self.ours),
+            calcs = {"ours": CHGNetCalculator(self.ours, compile=False),
                      "matgl": matgl_calculator(self.matgl),
                      "chgnet": RefCalculator(model=self.ref, use_device="cpu")}
             outs = {k: _single_point(atoms, c) for k, c in calcs.items()}
