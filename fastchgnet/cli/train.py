@@ -22,8 +22,8 @@ def add_data_args(p: argparse.ArgumentParser, train: bool = False) -> None:
     """``--data``, ``--format``, ``--cache``, ``--skip-bad``. ``train``: defaults of None (the
     value of TrainConfig applies), so that ``--resume`` can tell a flag given from a default."""
     p.add_argument("--data", metavar="PATH", default=None,
-                   help="dataset file (MPtrj JSON, extxyz, ASE db, mlearn JSON, ...); "
-                        "default: the built-in dataset")
+                   help="dataset file (MPtrj JSON, extxyz, ASE db, mlearn JSON, ...) or a bundled "
+                        "set (mlearn:Ge, mlearn:Ge:test); default: the built-in dataset")
     p.add_argument("--format", default=None if train else "auto",
                    choices=["auto", "mptrj", "extxyz", "asedb", "mlearn", "ase"],
                    help="dataset format [auto: by extension and content]")
@@ -49,8 +49,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                         "command as a key (batch-size: 8), or a run's config.json; flags given "
                         "here override it")
     add_data_args(p, train=True)
-    p.add_argument("--val-data", metavar="PATH", help="validation file (instead of the random split)")
-    p.add_argument("--test-data", metavar="PATH", help="test file (instead of the random split)")
+    p.add_argument("--val-data", metavar="PATH", help="validation file or bundled set (instead of the random split)")
+    p.add_argument("--test-data", metavar="PATH", help="test file or bundled set, e.g. mlearn:Ge:test (instead of the random split)")
     p.add_argument("--split", default=None,
                    help=f"train,val,test fractions [{','.join(f'{x:g}' for x in _D.split)}]")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
