@@ -85,9 +85,8 @@ def si_supercell(min_atoms: int, rattle: float = 0.03, seed: int = 3) -> Any:
     return si
 
 
-def md_structures(large: list[int] | None = None) -> dict[str, Any]:
-    """``{name: ase.Atoms}`` of the benchmark cases (shared CIFs first when present), plus one
-    Si supercell of at least ``n`` atoms per entry of ``large``."""
+def shared_cif_atoms() -> dict[str, Any]:
+    """``{name: ase.Atoms}`` of the shared LiMnO2 and Li9Co7O16 CIFs (empty when absent)."""
     out: dict[str, Any] = {}
     folder = structures_dir()
     if folder is not None:
@@ -95,6 +94,13 @@ def md_structures(large: list[int] | None = None) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             for name, file in (("LiMnO2", CIF_LIMNO2), ("Li9Co7O16", CIF_LICOO)):
                 out[name] = AseAtomsAdaptor.get_atoms(Structure.from_file(str(folder / file)))
+    return out
+
+
+def md_structures(large: list[int] | None = None) -> dict[str, Any]:
+    """``{name: ase.Atoms}`` of the benchmark cases (shared CIFs first when present), plus one
+    Si supercell of at least ``n`` atoms per entry of ``large``."""
+    out = shared_cif_atoms()
     nio = bulk("NiO", "rocksalt", a=4.17, cubic=True).repeat((2, 2, 1))
     nio.rattle(0.03, seed=1)
     out["NiO-32"] = nio

@@ -23,25 +23,19 @@ from __future__ import annotations
 import functools
 import gc
 import os
-import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from pymatgen.core import Structure
-from pymatgen.io.ase import AseAtomsAdaptor
 
 from fastchgnet.bench.common import (
-    CIF_LICOO,
-    CIF_LIMNO2,
     bench_structures,
     load_our_model,
     load_reference,
     quiet,
-    structures_dir,
     text_table,
 )
-from fastchgnet.bench.md import md_stepper, si_supercell
+from fastchgnet.bench.md import md_stepper, shared_cif_atoms, si_supercell
 from fastchgnet.bench.peers import (
     Interleaved,
     matgl_calculator,
@@ -76,13 +70,7 @@ TRAIN_BATCH = 8
 def md_atoms(si_sizes: Sequence[int] = MD_SI_SIZES) -> dict[str, Any]:
     """``{name: ase.Atoms}``: the shared LiMnO2 and Li9Co7O16 cells when present, then rattled
     diamond Si cells of the given sizes."""
-    out: dict[str, Any] = {}
-    folder = structures_dir()
-    if folder is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for name, file in (("LiMnO2", CIF_LIMNO2), ("Li9Co7O16", CIF_LICOO)):
-                out[name] = AseAtomsAdaptor.get_atoms(Structure.from_file(str(folder / file)))
+    out = shared_cif_atoms()
     for n in si_sizes:
         si = si_supercell(n, seed=2)
         out[f"Si-{len(si)}"] = si
