@@ -13,7 +13,7 @@ import numpy as np
 
 from fastchgnet.tables import fmt_or_na, text_table
 
-__all__ = ["add_device_arg", "check_new_files", "floats_arg", "fmt", "formula", "output_names",
+__all__ = ["add_device_arg", "add_model_choice", "check_new_files", "floats_arg", "fmt", "formula", "output_names",
            "prediction_table", "read_structures", "summarize", "text_table"]
 
 
@@ -21,6 +21,15 @@ def add_device_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
     """``--device``; resolve it with :func:`fastchgnet.device.resolve_device`."""
     p.add_argument("--device", default=default,
                    help="cpu, cuda, cuda:N or auto (cuda when available) [default: %(default)s]")
+
+
+def add_model_choice(p: argparse.ArgumentParser, device_default: str = "auto") -> None:
+    """``--model`` (a pretrained name or a checkpoint), ``--device`` and ``--float64``: the model
+    options every command that runs a model shares."""
+    p.add_argument("--model", default="0.3.0",
+                   help="pretrained name (0.3.0, 0.2.0, r2scan) or checkpoint path [%(default)s]")
+    add_device_arg(p, default=device_default)
+    p.add_argument("--float64", action="store_true", help="run the model in float64")
 
 
 def floats_arg(text: str, n: int, what: str) -> list[float]:

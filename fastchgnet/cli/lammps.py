@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from fastchgnet.cli.common import add_device_arg
+from fastchgnet.cli.common import add_model_choice
 from fastchgnet.device import resolve_device
 
 __all__ = ["add_lammps", "run_lammps"]
@@ -25,12 +25,9 @@ def add_lammps(sub: argparse._SubParsersAction) -> None:
                                    "atoms are created (read_data, read_restart or create_atoms). "
                                    "Under 'mpiexec -n N' every rank runs it.")
     p.add_argument("input", metavar="IN", help="LAMMPS input script")
-    p.add_argument("--model", default="0.3.0",
-                   help="pretrained name (0.3.0, 0.2.0, r2scan) or checkpoint path [%(default)s]")
     p.add_argument("--elements", nargs="+", required=True, metavar="EL",
                    help="element of each atom type, in type order (as in pair_coeff)")
-    add_device_arg(p, default="cpu")
-    p.add_argument("--float64", action="store_true", help="run the model in float64")
+    add_model_choice(p, device_default="cpu")
     p.add_argument("--mode", default="auto", choices=["auto", "replicated", "local"],
                    help="parallel mode over MPI ranks [%(default)s]; see docs/lammps.md")
     p.add_argument("--var", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),

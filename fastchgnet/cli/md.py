@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fastchgnet.cli.common import (add_device_arg, check_new_files, formula, output_names,
+from fastchgnet.cli.common import (add_model_choice, check_new_files, formula, output_names,
                                    read_structures, text_table)
 from fastchgnet.device import resolve_device
 from fastchgnet.md.calculator import CHGNetCalculator, as_atoms
@@ -26,10 +26,7 @@ __all__ = ["add_md", "add_relax"]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="0.3.0",
-                   help="pretrained name (0.3.0, 0.2.0, r2scan) or checkpoint path [%(default)s]")
-    add_device_arg(p)
-    p.add_argument("--float64", action="store_true", help="run the model in float64")
+    add_model_choice(p)
     p.add_argument("--on-isolated-atoms", default="error", choices=["error", "warn", "ignore"],
                    help="atoms without a neighbour within 6 A [%(default)s]")
     p.add_argument("--graph", default="auto", choices=["auto", "host", "device"],

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastchgnet.cli.common import add_device_arg, check_new_files, read_structures, text_table
+from fastchgnet.cli.common import add_model_choice, check_new_files, read_structures, text_table
 from fastchgnet.device import resolve_device
 
 __all__ = ["add_elastic", "add_eos", "add_phonons"]
@@ -24,10 +24,7 @@ __all__ = ["add_elastic", "add_eos", "add_phonons"]
 
 def _common_args(p: argparse.ArgumentParser, plot: bool = True) -> None:
     p.add_argument("file", metavar="FILE", help="structure file (CIF, POSCAR, extxyz, ...)")
-    p.add_argument("--model", default="0.3.0",
-                   help="pretrained name (0.3.0, 0.2.0, r2scan) or checkpoint path [%(default)s]")
-    add_device_arg(p)
-    p.add_argument("--float64", action="store_true", help="run the model in float64")
+    add_model_choice(p)
     p.add_argument("--relax", nargs="?", const="cell", default="none",
                    choices=["none", "positions", "cell"],
                    help="relax first: --relax (positions and cell) or --relax positions "

@@ -43,6 +43,7 @@ import contextlib
 import logging
 import os
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -137,11 +138,6 @@ def _counting(backend: str | Callable, counter: list[int]) -> Callable:
 
 def _key(batch: Any, task: str) -> tuple[str, int]:
     return task, int(batch.positions.shape[0])
-
-
-def _median(xs: list[float]) -> float:
-    ys = sorted(xs)
-    return ys[len(ys) // 2] if len(ys) % 2 else 0.5 * (ys[len(ys) // 2 - 1] + ys[len(ys) // 2])
 
 
 def _is_recompile_refusal(exc: Exception) -> bool:
@@ -239,7 +235,7 @@ class GuardedForward:
         trial.append(dt)
         if len(trial) < TRIAL_CALLS:
             return
-        t_c, t_e = _median(trial), _median(eager)
+        t_c, t_e = statistics.median(trial), statistics.median(eager)
         self.report.events.append(f"trial {key}: compiled {1e3 * t_c:.1f} ms, eager {1e3 * t_e:.1f} ms")
         if t_c > 0.95 * t_e:
             self._fn = None
