@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first [%(default)s]")
     p.add_argument("--json", default=DEFAULT_JSON, help="record to write [%(default)s]")
     p.add_argument("--note", default="", help="free text stored in the record (machine load)")
+    p.add_argument("--compile", action="store_true",
+                   help="MD case: our calculator compiled (compile=True), compile time recorded")
     args = p.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",") if t]
     cases = [c for c in args.cases.split(",") if c]
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
           f"torch_geometric={env['torch_geometric']}, OMP_WAIT_POLICY={env['omp_wait_policy']}, "
           f"load average {env['loadavg_start'][0]:.1f}", flush=True)
     settings = {"threads": threads, "cases": cases, "repeats": args.repeats,
+                "ours_compiled": args.compile,
                 "warmup": args.warmup, "si_sizes": args.si_sizes, "note": args.note,
                 "timing": "interleaved rounds A B C / C B A after warm-up; medians"}
     t0 = time.perf_counter()
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_peers(threads, cases, args.repeats, args.warmup,
                      si_sizes=[int(n) for n in args.si_sizes.split(",") if n],
                      progress=lambda s: print(f"# {s}", file=sys.stderr, flush=True),
-                     on_row=save)
+                     on_row=save, compile_ours=args.compile)
     save(rows, partial=False)
     print(format_peers_table(rows))
     print("# ratios: peer median / fastchgnet median (> 1: fastchgnet faster); Δe: largest "

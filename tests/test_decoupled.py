@@ -29,12 +29,13 @@ class Unpacked(CHGNet):
     """The decoupled block written plainly (no packing): each update calls its own module."""
 
     def interaction(self, i, atom, bond, angle, bw_ag, bw_bg, src_dir, dst_dir, center, b1, b2,
-                    update_angle=True):
+                    update_angle=True, rows=None):
         c = self.config
         new_atom = self.atom_convs[i](atom, bond, bw_ag, src_dir, dst_dir)
-        new_bond = self.bond_convs[i](atom, bond, bw_bg, angle, center, b1, b2) if c.update_bond else bond
+        new_bond = (self.bond_convs[i](atom, bond, bw_bg, angle, center, b1, b2, rows)
+                    if c.update_bond else bond)
         if c.update_angle and update_angle:
-            angle = self.angle_updates[i](atom, bond, angle, center, b1, b2)
+            angle = self.angle_updates[i](atom, bond, angle, center, b1, b2, rows)
         return new_atom, new_bond, angle
 
 

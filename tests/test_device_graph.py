@@ -60,6 +60,9 @@ def _angle_keys(b) -> list[tuple]:
 
 def _same_graph(a, b) -> None:
     assert a.num_bonds == b.num_bonds and a.num_angles == b.num_angles
+    for x in (a, b):  # both list the angles' rows, and the legs renumbered into them
+        assert torch.equal(x.angle_rows[x.angle_row1], x.angle_bond1)
+        assert torch.equal(x.angle_rows[x.angle_row2], x.angle_bond2)
     assert _bond_keys(a) == _bond_keys(b)
     assert _angle_keys(a) == _angle_keys(b)
     torch.testing.assert_close(a.bond_graph.sort().values, b.bond_graph.sort().values, rtol=0, atol=0)

@@ -81,8 +81,11 @@ class Peers:
     """The three implementations for inference, loaded once: our 0.3.0 model, chgnet's, and
     matgl's CHGNet with the ported weights (a ``Potential`` with stresses and magmoms)."""
 
-    def __init__(self) -> None:
+    def __init__(self, compile_ours: bool = False) -> None:
+        """``compile_ours``: our calculator's model call compiled by Inductor (``compile=True``;
+        compiled in the untimed first call of each case, its time kept in the row)."""
         require_matgl()
+        self.compile_ours = compile_ours
         self.ours, self.weights = load_our_model("cpu")
         self.ref = load_reference("cpu")
         if self.ref is None:
@@ -96,12 +99,15 @@ class Peers:
         from fastchgnet.md.calculator import CHGNetCalculator
 
         with quiet():
-            calcs = {"ours": CHGNetCalculator(self.ours, compile=False),
+            calcs = {"ours": CHGNetCalculator(self.ours, compile=self.compile_ours),
                      "matgl": matgl_calculator(self.matgl),
                      "chgnet": RefCalculator(model=self.ref, use_device="cpu")}
             outs = {k: _single_point(atoms, c) for k, c in calcs.items()}
-        info = {"n_atoms": len(atoms), "weights": self.weights,
+        info = {"n_atoms": len(atoms), "weights": self.weights, "ours_compiled": self.compile_ours,
                 **{f"diff_{k}": max_diffs([outs[k]], [outs["chgnet"]]) for k in ("ours", "matgl")}}
+        report = calcs["ours"].compile_report
+        if self.compile_ours and report is not None:
+            info.update(ours_compile_s=report.compile_s, ours_call_mode=report.mode)
         return {k: md_stepper(atoms, c) for k, c in calcs.items()}, info
 
     # batched prediction -----------------------------------------------------------------------
@@ -170,12 +176,14 @@ def _repeats_for(n_atoms: int, repeats: int) -> int:
 def run_peers(threads: Sequence[int] = (1, 2), cases: Sequence[str] = CASES, repeats: int = 7,
               warmup: int = 1, *, si_sizes: Sequence[int] = MD_SI_SIZES,
               progress: Callable[[str], None] | None = None,
-              on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
-    """One row per (case, thread count); see the module docstring."""
+              on_row: Callable[[list[dict]], None] | None = None,
+              compile_ours: bool = False) -> list[dict]:
+    """One row per (case, thread count); see the module docstring. ``compile_ours``: our MD
+    calculator compiled (see :class:`Peers`)."""
     unknown = set(cases) - set(CASES)
     if unknown:
         raise ValueError(f"unknown cases {sorted(unknown)}; use {list(CASES)}")
-    peers = Peers()
+    peers = Peers(compile_ours)
     structures = bench_structures()
     rows: list[dict] = []
 
@@ -198,7 +206,8 @@ def run_peers(threads: Sequence[int] = (1, 2), cases: Sequence[str] = CASES, rep
     for t in threads:
         if "md" in cases:
             for name, atoms in md_atoms(si_sizes).items():
-                measure(f"md step {name}", t, functools.partial(peers.md_case, atoms),
+                label = f"md step {name}" + (" (ours compiled)" if compile_ours else "")
+                measure(label, t, functools.partial(peers.md_case, atoms),
                         _repeats_for(len(atoms), repeats))
         if "predict" in cases:
             measure(f"predict efsm {len(structures.batch)}x b{len(structures.batch)}", t,

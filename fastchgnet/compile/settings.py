@@ -57,7 +57,10 @@ class _Scoped:
     * ``backed_size_oblivious``: sizes 0 and 1 are not special-cased, so a batch without angles
       (or with one bond) does not force a recompilation;
     * ``specialize_float``: Python floats (LayerNorm eps, cutoffs) are constants, which spares
-      Dynamo a second analysis of every frame.
+      Dynamo a second analysis of every frame;
+    * ``use_duck_shape=False``: two sizes that happen to be equal in the first batch (e.g. 32
+      angle rows and a feature width of 32) are not assumed equal, which would force a
+      recompilation at the next batch.
     """
 
     def __init__(self, fn: Callable) -> None:
@@ -65,7 +68,7 @@ class _Scoped:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # each setting only where this torch has it (older versions compile without it)
-        with _patch(fx_config, backed_size_oblivious=True), \
+        with _patch(fx_config, backed_size_oblivious=True, use_duck_shape=False), \
                 _patch(torch._dynamo.config, specialize_float=True):
             return self.fn(*args, **kwargs)
 

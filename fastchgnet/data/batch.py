@@ -40,6 +40,12 @@ class Batch:
     angle_bond2: Tensor  # (n_angles,) int64
     angle_sign: Tensor  # (n_angles,) float, product of the two legs' direction signs
     num_graphs: int
+    #: the undirected bonds the angles use, sorted (n_rows,) int64 (at most CHGNet's 3 Å bonds, a
+    #: small part of the 6 Å ones), and each angle's legs as positions in it, (n_angles,) int64
+    #: each: the bond and angle updates then run on these rows only. None: on every bond
+    angle_rows: Tensor | None = None
+    angle_row1: Tensor | None = None
+    angle_row2: Tensor | None = None
 
     @property
     def num_atoms(self) -> int:
@@ -110,6 +116,9 @@ def collate(graphs: Sequence[CrystalGraph], dtype: torch.dtype = torch.float32) 
             return torch.empty(a.shape, dtype=dt)
         return torch.from_numpy(np.ascontiguousarray(a)).to(dt)
 
+    b1 = cat("angle_bond1") + bond_shift_a
+    b2 = cat("angle_bond2") + bond_shift_a
+    rows, row1, row2 = angle_rows(b1, b2, int(n_bonds.sum()))
     return Batch(
         atomic_numbers=t(cat("atomic_numbers")),
         positions=t(cat("positions"), dtype),
@@ -121,11 +130,25 @@ def collate(graphs: Sequence[CrystalGraph], dtype: torch.dtype = torch.float32) 
         bond_image=t(cat("bond_image").reshape(-1, 3), dtype),
         bond_graph=t(np.repeat(gidx, n_bonds)),
         angle_center=t(cat("angle_center") + atom_shift_a),
-        angle_bond1=t(cat("angle_bond1") + bond_shift_a),
-        angle_bond2=t(cat("angle_bond2") + bond_shift_a),
+        angle_bond1=t(b1),
+        angle_bond2=t(b2),
         angle_sign=t(sign, dtype),
         num_graphs=len(graphs),
+        angle_rows=t(rows),
+        angle_row1=t(row1),
+        angle_row2=t(row2),
     )
+
+
+def angle_rows(bond1: np.ndarray, bond2: np.ndarray, n_bonds: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, row1, row2)``: the sorted bonds that ``bond1`` or ``bond2`` (the angles' legs)
+    refer to, and the legs renumbered into them (``rows[row1] == bond1``)."""
+    used = np.zeros(n_bonds, dtype=bool)
+    used[bond1] = True
+    used[bond2] = True
+    local = np.cumsum(used, dtype=np.int64) - 1
+    return np.flatnonzero(used).astype(np.int64), local[bond1], local[bond2]
 
 
 def split_by_size(

@@ -470,15 +470,19 @@ class VerletGraph:
                     src, dst)
         sel = _compact(in_ag, n_bonds)
         b_src, b_dst = src.index_select(0, sel), dst.index_select(0, sel)
-        center, b1, b2, sign = build_angles(b_src, b_dst, short.index_select(0, sel), n_tot,
-                                            n_short, n_angles)
+        short_sel = short.index_select(0, sel)
+        center, b1, b2, sign = build_angles(b_src, b_dst, short_sel, n_tot, n_short, n_angles)
+        # the angles' rows: the short bonds (a superset of the legs: a short bond whose atoms
+        # have no other short bond is in no angle, and its update is an empty sum)
+        local = torch.cumsum(short_sel, 0) - 1
         dtype = positions.dtype
         batch = Batch(
             atomic_numbers=numbers, positions=positions, lattice=lattice, atom_graph=atom_graph,
             n_atoms=n_atoms, bond_src=b_src, bond_dst=b_dst,
             bond_image=img.index_select(0, sel).to(dtype), bond_graph=graph.index_select(0, sel),
             angle_center=center, angle_bond1=b1, angle_bond2=b2, angle_sign=sign.to(dtype),
-            num_graphs=lattice.shape[0],
+            num_graphs=lattice.shape[0], angle_rows=_compact(short_sel, n_short),
+            angle_row1=local.index_select(0, b1), angle_row2=local.index_select(0, b2),
         )
         return batch, False
 

@@ -27,6 +27,7 @@ from fastchgnet.model.config import CHGNetConfig
 from fastchgnet.nn import fused
 from fastchgnet.nn.basis import FourierAngle, RadialBessel
 from fastchgnet.nn.layers import MLP, AngleUpdate, AtomConv, BondConv
+from fastchgnet.nn.linear import linear
 from fastchgnet.nn.scatter import segment_sum
 
 __all__ = ["Backbone", "Features"]
@@ -115,10 +116,11 @@ class Backbone(nn.Module):
 
     def interaction(self, i: int, atom: Tensor, bond: Tensor, angle: Tensor, bw_ag: Tensor,
                     bw_bg: Tensor, src_dir: Tensor, dst_dir: Tensor, center: Tensor, b1: Tensor,
-                    b2: Tensor, update_angle: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+                    b2: Tensor, update_angle: bool = True,
+                    rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Interaction block ``i`` (the eager block function)."""
         return self.block(self, i, atom, bond, angle, bw_ag, bw_bg, src_dir, dst_dir, center, b1,
-                          b2, update_angle)
+                          b2, update_angle, rows)
 
     def features(self, batch: Batch, vec: Tensor, *, want_m: bool = False,
                  want_atom_fea: bool = False, compiled: bool = True) -> Features:
@@ -141,9 +143,16 @@ class Backbone(nn.Module):
 
         # --- embeddings -----------------------------------------------------------------------
         atom = self.atom_embedding(batch.atomic_numbers - 1)
-        bond, bw_ag = self.bond_embed_ag(rbf_ag).split([c.bond_fea_dim, c.atom_fea_dim], dim=1)
-        bw_bg = self.bond_weights_bg(rbf_bg)
-        angle = self.angle_embedding(abasis)
+        bond, bw_ag = linear(rbf_ag, self.bond_embed_ag.weight).split(
+            [c.bond_fea_dim, c.atom_fea_dim], dim=1)
+        # the bond and angle updates only read the bonds the angles use (within 3 Å, about a
+        # tenth of the bonds): when the batch lists them, run those updates on these rows only
+        rows = batch.angle_rows
+        if rows is not None:
+            b1, b2 = batch.angle_row1, batch.angle_row2
+            rbf_bg = rbf_bg.index_select(0, rows)
+        bw_bg = linear(rbf_bg, self.bond_weights_bg.weight)
+        angle = linear(abasis, self.angle_embedding.weight)
 
         block = self.interaction
         if self.compiled_block is not None and compiled:
@@ -152,7 +161,7 @@ class Backbone(nn.Module):
         for i in range(n_blocks):
             # the angle features of the last block are never read: skip that update
             atom, bond, angle = block(i, atom, bond, angle, bw_ag, bw_bg, src_dir, dst_dir,
-                                      center, b1, b2, update_angle=i < n_blocks - 1)
+                                      center, b1, b2, update_angle=i < n_blocks - 1, rows=rows)
         magmom = self.site_wise(atom).abs().squeeze(1) if want_m else None
         atom_fea = atom if want_atom_fea else None
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from fastchgnet.data.batch import Batch
 from fastchgnet.model.backbone import Features
+from fastchgnet.nn.linear import input_gradients_only
 from fastchgnet.nn.scatter import segment_sum
 from fastchgnet.units import EV_A3_TO_GPA
 
@@ -78,7 +79,8 @@ class AutogradForceStress:
                  create_graph: bool) -> Terms:
         terms = Terms(feats.energy, feats.site)
         if want_f or want_s:
-            (g,) = torch.autograd.grad(feats.energy.sum(), vec, create_graph=create_graph)
+            with input_gradients_only():  # the weights' gradients are not asked for here
+                (g,) = torch.autograd.grad(feats.energy.sum(), vec, create_graph=create_graph)
             if want_f:
                 terms.forces = bond_forces(batch, g)
             if want_s:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastchgnet.nn import fused
+from fastchgnet.nn.linear import linear
 from fastchgnet.nn.scatter import segment_sum
 
 
@@ -50,8 +51,8 @@ class GatedTail(nn.Module):
         # split (not two slices): its backward is one concatenation, not two zero-filled copies
         if self.hidden > 0:
             h_core, h_gate = F.silu(pre).split(w, dim=1)
-            core = self.core2(h_core)
-            gate = self.gate2(h_gate)
+            core = linear(h_core, self.core2.weight, self.core2.bias)
+            gate = linear(h_gate, self.gate2.weight, self.gate2.bias)
         else:
             core, gate = pre.split(w, dim=1)
         nc, ng = self.norm_core, self.norm_gate
@@ -85,13 +86,13 @@ class AtomConv(nn.Module):
         the undirected bonds first, then their reverses (``cat(src, dst)``, ``cat(dst, src)``)."""
         w2 = 2 * self.tail.width
         # (n_atoms, 4w): centre and neighbour parts, core and gate
-        p_center, p_nbr = (atom @ self.w_atom.t()).split(w2, dim=1)
-        q = torch.addmm(self.bias, bond, self.w_bond.t())  # (n_bonds, 2w), shared by both directions
+        p_center, p_nbr = linear(atom, self.w_atom).split(w2, dim=1)
+        q = linear(bond, self.w_bond, self.bias)  # (n_bonds, 2w), shared by both directions
         pre = p_center.index_select(0, src_dir) + p_nbr.index_select(0, dst_dir)
         pre = (pre.view(2, -1, w2) + q).view(-1, w2)
         msg = self.tail(pre, bond_weight)  # both directions share their bond's weight row
         new = segment_sum(msg, src_dir, atom.shape[0])
-        return self.mlp_out(new) + atom
+        return linear(new, self.mlp_out.weight, self.mlp_out.bias) + atom
 
 
 class BondConv(nn.Module):
@@ -116,20 +117,23 @@ class BondConv(nn.Module):
               b2: Tensor, weight: Tensor | None = None) -> Tensor:
         """GatedMLP of ``[bond[b1], bond[b2], angle, atom[center]]`` per angle."""
         w2 = 2 * self.tail.width
-        pb1, pb2 = (bond @ self.w_bond.t()).split(w2, dim=1)
-        pa = atom @ self.w_atom.t()
-        pre = torch.addmm(self.bias, angle, self.w_angle.t())
-        # in place is safe: additions keep nothing for backward, addmm keeps only its inputs
+        pb1, pb2 = linear(bond, self.w_bond).split(w2, dim=1)
+        pa = linear(atom, self.w_atom)
+        pre = linear(angle, self.w_angle, self.bias)
+        # in place is safe: additions keep nothing for backward, the products keep only inputs
         pre.add_(pb1.index_select(0, b1)).add_(pb2.index_select(0, b2))
         pre.add_(pa.index_select(0, center))
         return self.tail(pre, weight)
 
     def forward(self, atom: Tensor, bond: Tensor, bond_weight: Tensor, angle: Tensor,
-                center: Tensor, b1: Tensor, b2: Tensor) -> Tensor:
+                center: Tensor, b1: Tensor, b2: Tensor, rows: Tensor | None = None) -> Tensor:
+        """``rows``: when given, the bonds the angles use; ``b1``, ``b2`` and ``bond_weight``
+        then refer to those rows only, and the other bonds keep their features (their update is
+        an empty sum)."""
+        sub = bond if rows is None else bond.index_select(0, rows)
         weight = bond_weight.index_select(0, b1) * bond_weight.index_select(0, b2)
-        upd = self.gated(atom, bond, angle, center, b1, b2, weight)
-        new = segment_sum(upd, b1, bond.shape[0])
-        return self.mlp_out(new) + bond
+        upd = self.gated(atom, sub, angle, center, b1, b2, weight)
+        return add_rows(bond, rows, self.mlp_out, segment_sum(upd, b1, sub.shape[0]))
 
 
 class AngleUpdate(BondConv):
@@ -140,8 +144,22 @@ class AngleUpdate(BondConv):
         super().__init__(atom_dim, bond_dim, angle_dim, hidden, angle_dim, norm, mlp_out=False)
 
     def forward(self, atom: Tensor, bond: Tensor, angle: Tensor, center: Tensor, b1: Tensor,
-                b2: Tensor) -> Tensor:  # type: ignore[override]
-        return self.gated(atom, bond, angle, center, b1, b2) + angle
+                b2: Tensor, rows: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """``rows``: as in :meth:`BondConv.forward` (``b1``, ``b2`` index ``bond[rows]``)."""
+        sub = bond if rows is None else bond.index_select(0, rows)
+        return self.gated(atom, sub, angle, center, b1, b2) + angle
+
+
+def add_rows(bond: Tensor, rows: Tensor | None, out: nn.Linear | None, summed: Tensor) -> Tensor:
+    """``bond + out(summed)`` (the bond convolution's residual), where ``summed`` holds the sums
+    of ``bond[rows]`` only (all bonds when ``rows`` is None): the other bonds' sums are zero, so
+    they get only the bias."""
+    if out is None:
+        return summed + bond if rows is None else bond.index_add(0, rows, summed)
+    if rows is None:
+        return linear(summed, out.weight, out.bias) + bond
+    new = bond.index_add(0, rows, linear(summed, out.weight))
+    return new if out.bias is None else new + out.bias
 
 
 class MLP(nn.Sequential):
@@ -155,3 +173,8 @@ class MLP(nn.Sequential):
             d = h
         layers.append(nn.Linear(d, out_dim))
         super().__init__(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        for layer in self:
+            x = linear(x, layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer(x)
+        return x
