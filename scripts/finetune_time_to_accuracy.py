@@ -40,6 +40,18 @@ def _load_note() -> str:
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
 
 
+def _env(impl: str) -> dict[str, str]:
+    """Ours runs in the environment the ``fastchgnet`` command gives itself (its OpenMP wait
+    policy and allocator settings, where the user has not set them: fastchgnet.cli.launch);
+    chgnet's Trainer in this process's environment, as a chgnet user's script would."""
+    from fastchgnet.cli.launch import env_defaults
+
+    env = dict(os.environ)
+    if impl == "ours":
+        env.update(env_defaults(env))
+    return env
+
+
 def run_one(impl: str, element: str, seed: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     out = work / f"{element}-s{seed}-{impl}.json"
     cmd = [sys.executable, "-m", "fastchgnet.bench.finetune", "--impl", impl, "--element", element,
@@ -52,8 +64,9 @@ def run_one(impl: str, element: str, seed: int, work: Path, args: argparse.Names
         cmd += ["--limit", str(args.limit)]
     load_before = _load_note()
     with open(work / f"{element}-s{seed}-{impl}.log", "w") as log:
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    return _result(out, load_before)
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                       env=_env(impl))
+    return _result(out, load_before, impl)
 
 
 def start_one(impl: str, element: str, seed: int, work: Path, args: argparse.Namespace
@@ -69,12 +82,16 @@ def start_one(impl: str, element: str, seed: int, work: Path, args: argparse.Nam
     # its own session: on a kernel with scheduler autogroups each run then gets the CPU share of
     # one session, the same for both runs of a pair whatever else shares the machine
     return (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True), out, _load_note())
+                             start_new_session=True, env=_env(impl)), out, _load_note())
 
 
-def _result(out: Path, load_before: str) -> dict[str, Any]:
+def _result(out: Path, load_before: str, impl: str | None = None) -> dict[str, Any]:
     res = json.loads(out.read_text())
     res.pop("log", None)
+    if impl is not None:
+        from fastchgnet.cli.launch import env_defaults
+
+        res["env_added"] = env_defaults(os.environ) if impl == "ours" else {}
     res["load_before"] = load_before
     res["load_after"] = _load_note()
     return res
@@ -190,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
                 "same frames for both), test on test.json: fastchgnet train --init 0.3.0 defaults vs "
                 "chgnet's Trainer defaults (fastchgnet/bench/finetune.py)",
         "command": "python scripts/finetune_time_to_accuracy.py " + " ".join(argv or sys.argv[1:]),
-        "environment": env, "settings": {"epochs": a.epochs, "batch_size": a.batch_size,
+        "environment": env, "env_ours": "the fastchgnet command's own additions "
+                                          "(fastchgnet.cli.launch.env_defaults), per pair",
+        "settings": {"epochs": a.epochs, "batch_size": a.batch_size,
                                          "threads": a.threads, "elements": a.elements,
                                          "seeds": a.seeds},
         "units": {"e_mae": "meV/atom", "f_mae": "meV/A", "s_mae": "GPa", "wall_s": "s"},
@@ -226,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             if proc.wait() != 0:
                 raise RuntimeError(f"{el} seed {seed} {impl} failed: see {work}/{el}-s{seed}-{impl}.log")
         for seed, el in wave:
-            add(el, seed, ("together",), {impl: _result(*started[(seed, el, impl)][1:])
+            add(el, seed, ("together",), {impl: _result(*started[(seed, el, impl)][1:], impl)
                                           for impl in ("ours", "chgnet")})
     record["partial"] = False
     _save(Path(a.json) if a.json else None, record)
@@ -257,7 +276,9 @@ def collect(a: argparse.Namespace) -> int:
                       "the same frames for both), test on test.json: fastchgnet train --init 0.3.0 "
                       "defaults vs chgnet's Trainer defaults (fastchgnet/bench/finetune.py)",
               "command": "python scripts/finetune_time_to_accuracy.py " + " ".join(sys.argv[1:]),
-              "environment": env, "settings": {"epochs": a.epochs, "batch_size": a.batch_size,
+              "environment": env, "env_ours": "the fastchgnet command's own additions "
+                                          "(fastchgnet.cli.launch.env_defaults), per pair",
+        "settings": {"epochs": a.epochs, "batch_size": a.batch_size,
                                                "threads": a.threads, "elements": a.elements,
                                                "seeds": a.seeds, "collected_from": a.collect},
               "units": {"e_mae": "meV/atom", "f_mae": "meV/A", "s_mae": "GPa", "wall_s": "s"},

@@ -11,6 +11,13 @@ cores the other threads need: 2-thread model calls ran 5–100× slower than 1-t
   it once, when torch is first imported, and ``import fastchgnet`` imports torch, so the command
   re-executes itself once with the variable added (:func:`relaunch`; skipped for ``--help`` and
   ``--version``, on Windows, for a script read from stdin, and when ``FASTCHGNET_NO_RELAUNCH=1``).
+* glibc's allocator keeps freed memory for reuse: ``MALLOC_MMAP_THRESHOLD_=33554432`` and
+  ``MALLOC_TRIM_THRESHOLD_=1073741824`` unless one of them, ``GLIBC_TUNABLES`` or ``LD_PRELOAD``
+  (another allocator) is set (Linux with glibc only). With glibc's defaults, the tensors of a
+  training step or an MD step are fresh pages every time: an exact-model training step at batch
+  8 took 54,000 page faults (about 85 ms of 515 ms on the development VM), and none with these
+  two settings (435 ms). The price: up to 1 GB of freed memory stays with the process
+  (its peak is unchanged).
 * torch intra-op threads: ``FASTCHGNET_THREADS`` when set; else, unless ``OMP_NUM_THREADS`` is
   set, the CPUs this process may use (its affinity mask and cgroup CPU quota) when torch's
   default is larger (torch counts the host's cores, which in a container can be many more than the
@@ -28,7 +35,7 @@ import os
 import sys
 from typing import Mapping, MutableMapping, Sequence
 
-__all__ = ["WAIT_POLICY_DEFAULT", "console_main", "env_defaults", "relaunch", "runtime_setting",
+__all__ = ["MALLOC_DEFAULTS", "WAIT_POLICY_DEFAULT", "console_main", "env_defaults", "relaunch", "runtime_setting",
            "set_default_threads", "usable_cpus"]
 
 WAIT_POLICY_DEFAULT = "PASSIVE"
@@ -36,9 +43,23 @@ _MARK = "FASTCHGNET_LAUNCH_DEFAULTS"  # names of the variables the command set (
 _NO_COMPUTE = {"-h", "--help", "--version"}
 
 
-def env_defaults(environ: Mapping[str, str]) -> dict[str, str]:
+#: glibc allocator settings of the command (see the module docstring)
+MALLOC_DEFAULTS = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+_ALLOCATOR_CHOSEN = ("GLIBC_TUNABLES", "LD_PRELOAD", *MALLOC_DEFAULTS)
+
+
+def _glibc() -> bool:
+    import platform
+
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+def env_defaults(environ: Mapping[str, str], glibc: bool | None = None) -> dict[str, str]:
     """The environment variables the command adds: only those the user has not set."""
-    return {} if "OMP_WAIT_POLICY" in environ else {"OMP_WAIT_POLICY": WAIT_POLICY_DEFAULT}
+    add = {} if "OMP_WAIT_POLICY" in environ else {"OMP_WAIT_POLICY": WAIT_POLICY_DEFAULT}
+    if (_glibc() if glibc is None else glibc) and not any(k in environ for k in _ALLOCATOR_CHOSEN):
+        add.update(MALLOC_DEFAULTS)
+    return add
 
 
 def usable_cpus() -> int:
@@ -96,6 +117,7 @@ def runtime_setting() -> dict[str, object]:
     return {"torch_threads": torch.get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+            "malloc": {k: os.environ[k] for k in _ALLOCATOR_CHOSEN if k in os.environ} or "default",
             "set_by_command": sorted(v for v in set_by.split(",") if v)}
 
 
