@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import torch
 
 STATE_SNIPPET = textwrap.dedent("""
@@ -106,3 +107,45 @@ def test_calculator_with_compile_policy_leaves_state_alone():
         print(json.dumps({"before": before, "after": after}))
     """)
     assert res["before"] == res["after"]
+
+
+def test_denormals_are_flushed_in_our_calls_only_and_restored(model):
+    """Our CPU calls (predict, the calculator, a training step) flush float denormals for their
+    own duration and restore the caller's setting, either way; outputs are unchanged."""
+    from ase.build import bulk
+
+    from fastchgnet.data.prototypes import make
+    from fastchgnet.device import flush_denormals, flushing_denormals
+    from fastchgnet.md.calculator import CHGNetCalculator
+
+    s = make("rocksalt", ["Na", "Cl"], rattle=0.05, seed=1)
+    seen = []
+    real = model.forward
+
+    def spy(*a, **k):
+        seen.append(flushing_denormals())
+        return real(*a, **k)
+
+    assert not flushing_denormals()
+    ref = model.predict(s, task="efsm")
+    model.forward = spy
+    try:
+        out = model.predict(s, task="efsm")
+        atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+        atoms.calc = CHGNetCalculator(model, compile=False)
+        atoms.get_forces()
+    finally:
+        del model.forward
+    assert seen == [True, True]  # flushed inside both calls ...
+    assert not flushing_denormals()  # ... and restored after them
+    for k in "efsm":
+        np.testing.assert_array_equal(out[k], ref[k])
+    torch.set_flush_denormal(True)  # a caller's own choice is kept
+    try:
+        with flush_denormals():
+            assert flushing_denormals()
+        assert flushing_denormals()
+    finally:
+        torch.set_flush_denormal(False)
+    with flush_denormals("meta"):  # not the CPU: nothing changes
+        assert not flushing_denormals()

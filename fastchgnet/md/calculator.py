@@ -32,7 +32,7 @@ from fastchgnet.compile.auto import COMPILE_AFTER_S, CompileReport, GuardedForwa
 from fastchgnet.data.batch import Batch, collate
 from fastchgnet.data.device_graph import make_builder
 from fastchgnet.data.graph import build_graph
-from fastchgnet.device import resolve_device
+from fastchgnet.device import flush_denormals, resolve_device
 from fastchgnet.keys import CRYSTAL_FEA, ENERGY, FORCES, MAGMOMS, SITE_ENERGIES, STRESS
 from fastchgnet.md.options import ASE_CALCULATOR_KEYWORDS, check_keywords
 from fastchgnet.model.weights import from_chgnet_model, is_chgnet_model, load_model
@@ -235,7 +235,8 @@ class CHGNetCalculator(Calculator):
         a ``forward`` replaces the model call."""
         if self.forward is not None:
             return self.forward(batch, task or self.task)
-        return self._guard(batch, task or self.task)
+        with flush_denormals(self.device):
+            return self._guard(batch, task or self.task)
 
     def _eager_call(self, batch: Batch, task: str) -> dict[str, torch.Tensor]:
         return self.model(batch, task=task, create_graph=False, return_site_energies=True,

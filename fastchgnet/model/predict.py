@@ -10,6 +10,7 @@ import torch
 
 from fastchgnet.data.batch import collate, split_by_size
 from fastchgnet.data.graph import CrystalGraph, build_graphs
+from fastchgnet.device import flush_denormals
 from fastchgnet.keys import PER_ATOM, PER_GRAPH, check_task
 
 # Default bounds on one batch so that a few huge structures do not exhaust memory. Counted in
@@ -123,7 +124,7 @@ def predict(
                                    max_bonds=max_bonds, max_angles=max_angles):
             batch = collate([graphs[i] for i in group], dtype=dtype).to(device)
             no_grad = task in ("e", "em") or not getattr(model, "forces_by_autograd", True)
-            with torch.no_grad() if no_grad else nullcontext():
+            with torch.no_grad() if no_grad else nullcontext(), flush_denormals(device):
                 out = model(batch, task=task, create_graph=False,
                             return_site_energies=return_site_energies,
                             return_crystal_feas=return_crystal_feas,

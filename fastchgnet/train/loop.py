@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fastchgnet.device import resolve_device
+from fastchgnet.device import flush_denormals, resolve_device
 from fastchgnet.compile import check_first_order, compile_callable
 from fastchgnet.model.exact import CHGNet
 from fastchgnet.model.weights import save_checkpoint
@@ -276,14 +276,15 @@ class Trainer:
         """One optimiser step; returns the loss (a device tensor, no host sync). Distributed:
         this rank's share of the global batch's loss (the shares of all ranks sum to it)."""
         self.model.train()
-        pred = self._forward(batch, task="efsm", create_graph=True)
-        if self.dist is None:
-            loss, _ = self.loss_fn(pred, targets)
-            share = loss
-        else:
-            loss, share = global_loss(self.loss_fn, pred, targets, self.dist)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with flush_denormals(self.device):
+            pred = self._forward(batch, task="efsm", create_graph=True)
+            if self.dist is None:
+                loss, _ = self.loss_fn(pred, targets)
+                share = loss
+            else:
+                loss, share = global_loss(self.loss_fn, pred, targets, self.dist)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         if self.cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
