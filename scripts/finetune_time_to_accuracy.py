@@ -40,16 +40,17 @@ def _load_note() -> str:
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
 
 
-def _env(impl: str) -> dict[str, str]:
+def _added(impl: str) -> dict[str, str]:
     """Ours runs in the environment the ``fastchgnet`` command gives itself (its OpenMP wait
     policy and allocator settings, where the user has not set them: fastchgnet.cli.launch);
     chgnet's Trainer in this process's environment, as a chgnet user's script would."""
     from fastchgnet.cli.launch import env_defaults
 
-    env = dict(os.environ)
-    if impl == "ours":
-        env.update(env_defaults(env))
-    return env
+    return env_defaults(os.environ) if impl == "ours" else {}
+
+
+def _env(impl: str) -> dict[str, str]:
+    return {**os.environ, **_added(impl)}
 
 
 def run_one(impl: str, element: str, seed: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -89,9 +90,7 @@ def _result(out: Path, load_before: str, impl: str | None = None) -> dict[str, A
     res = json.loads(out.read_text())
     res.pop("log", None)
     if impl is not None:
-        from fastchgnet.cli.launch import env_defaults
-
-        res["env_added"] = env_defaults(os.environ) if impl == "ours" else {}
+        res["env_added"] = _added(impl)
     res["load_before"] = load_before
     res["load_after"] = _load_note()
     return res

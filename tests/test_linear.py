@@ -97,8 +97,7 @@ def test_compiled_graph_calls_the_onednn_op():
     fn = compile_callable(lambda x, w, b: linear(x, w, b), backend=counter)
     x, w, b = _inputs(n=50)  # any size: no size test inside a graph
     torch.testing.assert_close(fn(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
-    assert "fastchgnet::onednn_linear" in {s.replace(".default", "") for s in counter.op_names()} \
-        or any("onednn_linear" in s for s in counter.op_names())
+    assert any("onednn_linear" in name for name in counter.op_names())
 
 
 # ---- the angles' rows (Batch.angle_rows) ----------------------------------------------------
