@@ -18,6 +18,7 @@ from fastchgnet.model.exact import CHGNet
 from fastchgnet.model.weights import save_checkpoint
 from fastchgnet.train import TrainConfig, train
 from fastchgnet.train.data import GraphDataset
+from fastchgnet.train.loss import DEFAULT_PREFACTORS, FINETUNE_PREFACTORS
 from fastchgnet.train.model_setup import model_energies, refit_atom_ref
 from fastchgnet.train.schedule import FINETUNE_LR, default_lr
 
@@ -52,6 +53,39 @@ def test_recipe_without_init_is_eq14_and_with_init_is_finetune():
     assert TrainConfig(batch_size=8, init="0.3.0", lr=1e-4).learning_rate == 1e-4
     assert TrainConfig(batch_size=8, lr=1e-4).learning_rate == 1e-4
     assert "kept" in TrainConfig(init="0.3.0", refit_atom_ref=False).recipe()
+
+
+def test_loss_prefactors_follow_the_recipe_and_given_ones_override():
+    assert FINETUNE_PREFACTORS == {"e": 2.0, "f": 3.0, "s": 0.1, "m": 0.1}
+    assert DEFAULT_PREFACTORS == {"e": 2.0, "f": 1.5, "s": 0.1, "m": 0.1}
+    scratch, tune = TrainConfig(), TrainConfig(init="0.3.0")
+    assert scratch.loss_prefactors == scratch.stage_prefactors(0) == DEFAULT_PREFACTORS
+    assert tune.loss_prefactors == tune.stage_prefactors(0) == FINETUNE_PREFACTORS
+    assert "e=2, f=3, s=0.1, m=0.1 (the fine-tuning default" in tune.recipe()
+    assert "e=2, f=1.5, s=0.1, m=0.1 (the FastCHGNet / CHGNet default)" in scratch.recipe()
+    # a partial dict overrides what it names, on top of the recipe's
+    part = TrainConfig(init="0.3.0", prefactors={"e": 1})
+    assert part.loss_prefactors == {"e": 1.0, "f": 3.0, "s": 0.1, "m": 0.1}
+    assert "e=1, f=3, s=0.1, m=0.1 (--weights)" in part.recipe()
+    assert TrainConfig(prefactors={"f": 3}).loss_prefactors["e"] == 2.0
+    # the recipe's own values, given explicitly, are still the recipe's
+    assert "(the fine-tuning default" in TrainConfig(init="x", prefactors=FINETUNE_PREFACTORS).recipe()
+    # round trip keeps "unset"
+    assert TrainConfig.from_dict(tune.to_dict()).prefactors is None
+    with pytest.raises(ValueError, match="unknown loss prefactors"):
+        TrainConfig(init="0.3.0", prefactors={"q": 1.0})
+
+
+def test_cli_weights_default_to_the_recipe(tmp_path):
+    from fastchgnet.cli import build_parser
+    from fastchgnet.cli.train import train_options
+
+    p = build_parser()
+    assert train_options(p.parse_args(["train", "--init", "0.3.0"])).get("prefactors") is None
+    given = train_options(p.parse_args(["train", "--init", "0.3.0", "--weights", "1,1,0,0"]))
+    assert given["prefactors"] == {"e": 1.0, "f": 1.0, "s": 0.0, "m": 0.0}
+    helptext = p._subparsers._group_actions[0].choices["train"].format_help()
+    assert "with --init: 2,3,0.1,0.1; from scratch: 2,1.5,0.1,0.1" in " ".join(helptext.split())
 
 
 def test_atom_ref_refit_recovers_a_known_per_element_shift(tmp_path):
@@ -93,6 +127,7 @@ def test_finetune_log_states_recipe_and_refit(tmp_path, xyz, tiny_ckpt):
     cfg = _cfg(tmp_path, xyz, model_config={}, init=str(tiny_ckpt), lr=None, epochs=1)
     result = train(cfg, log=logs.append)
     assert logs[0].startswith(f"recipe: fine-tune from {tiny_ckpt}: lr 0.001"), logs[0]
+    assert "prefactors e=2, f=3, s=0.1, m=0.1 (the fine-tuning default" in logs[0], logs[0]
     refit = [m for m in logs if m.startswith("AtomRef refit to the residuals")]
     assert refit and "->" in refit[0] and "meV/atom" in refit[0], logs
     assert any("lr 0.001" in m for m in logs if m.startswith("model "))
@@ -100,6 +135,10 @@ def test_finetune_log_states_recipe_and_refit(tmp_path, xyz, tiny_ckpt):
     assert any(m.startswith("MAE on held-out 10 % of --data") for m in logs), logs
     saved = json.loads((Path(cfg.out) / "test.json").read_text())
     assert "held-out" in saved["test_set"]
+    # the run's config and checkpoints hold the prefactors it trained with, not "the default"
+    assert json.loads((Path(cfg.out) / "config.json").read_text())["prefactors"] == FINETUNE_PREFACTORS
+    ckpt = torch.load(Path(cfg.out) / "last.pt", weights_only=False)
+    assert ckpt["trainer"]["train_config"]["prefactors"] == FINETUNE_PREFACTORS
     before = torch.load(tiny_ckpt, weights_only=True)["state_dict"]["atom_ref"]
     after = torch.load(Path(cfg.out) / "best.pt", weights_only=True)["state_dict"]["atom_ref"]
     assert not torch.equal(before, after)
@@ -119,6 +158,7 @@ def test_scratch_log_states_eq14(tmp_path, xyz):
     logs: list[str] = []
     train(_cfg(tmp_path, xyz, lr=None, epochs=1), log=logs.append)
     assert logs[0].startswith("recipe: from scratch: Eq. 14 lr = 4/128 x 3e-4"), logs[0]
+    assert "prefactors e=2, f=1.5, s=0.1, m=0.1" in logs[0], logs[0]
 
 
 def test_cli_no_refit_atomref_flag(tmp_path):

@@ -13,6 +13,7 @@ from fastchgnet.model import load_model
 from fastchgnet.train import (CheckpointWriteError, DistributedTrainingError, GraphDataset, TrainConfig,
                               TrainingDivergedError, evaluate, prepare_data, train)
 from fastchgnet.train.config_file import config_fields, read_config_file
+from fastchgnet.train.loss import DEFAULT_PREFACTORS, FINETUNE_PREFACTORS
 from fastchgnet.train.report import json_safe, mae_table, parity_plots
 
 __all__ = ["add_evaluate", "add_train"]
@@ -34,6 +35,10 @@ def add_data_args(p: argparse.ArgumentParser, train: bool = False) -> None:
 
 
 _D = TrainConfig()  # the defaults shown in --help (the flags themselves default to None)
+
+
+def _fmt_prefactors(pref: dict[str, float]) -> str:
+    return ",".join(f"{v:g}" for v in pref.values())
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -87,8 +92,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", default=None, choices=["huber", "mse", "mae"], help=f"[{_D.loss}]")
     p.add_argument("--delta", type=float, default=None, help=f"Huber delta [{_D.delta}]")
     p.add_argument("--weights", default=None, metavar="E,F,S,M",
-                   help="loss prefactors of energy, forces, stress, magmom "
-                        f"[{','.join(f'{v:g}' for v in _D.prefactors.values())}]")
+                   help="loss prefactors of energy, forces, stress, magmom [with --init: "
+                        f"{_fmt_prefactors(FINETUNE_PREFACTORS)}; from scratch: "
+                        f"{_fmt_prefactors(DEFAULT_PREFACTORS)}]")
     p.add_argument("--stage-two-start", type=int, default=None, metavar="EPOCHS",
                    help="after this many epochs, switch to --stage-two-weights and --stage-two-lr "
                         "(best.pt is then the best model of stage two) [off]")

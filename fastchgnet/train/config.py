@@ -10,7 +10,7 @@ from typing import Any, Mapping
 from fastchgnet.model.weights import MODEL_TYPES
 from fastchgnet.train.balance import POLICIES
 from fastchgnet.train.distributed import DEFAULT_TIMEOUT_S
-from fastchgnet.train.loss import DEFAULT_PREFACTORS
+from fastchgnet.train.loss import DEFAULT_PREFACTORS, FINETUNE_PREFACTORS
 from fastchgnet.train.schedule import FINETUNE_LR, default_lr
 
 __all__ = ["PRECISIONS", "TrainConfig"]
@@ -38,9 +38,12 @@ class TrainConfig:
     all ranks of a distributed run (on one device, simply the batch). ``lr=None`` takes the
     paper's rule ``batch_size / 128 * 3e-4`` on that global batch when training from scratch, and
     the fine-tuning rate :data:`~fastchgnet.train.schedule.FINETUNE_LR` (1e-3, chgnet's Trainer
-    default) with ``init`` (see :meth:`recipe`). With ``init``, ``refit_atom_ref`` (default)
-    refits the AtomRef to the residuals of the initial model by least squares. ``data=None`` trains on the built-in
-    dataset. ``val_data`` / ``test_data`` replace the random split's validation / test parts.
+    default) with ``init`` (see :meth:`recipe`). ``prefactors=None`` takes the recipe's loss
+    prefactors: :data:`~fastchgnet.train.loss.FINETUNE_PREFACTORS` (forces weighted 3) with
+    ``init``, :data:`~fastchgnet.train.loss.DEFAULT_PREFACTORS` from scratch; a partial dict
+    overrides those it names (:attr:`loss_prefactors`). With ``init``, ``refit_atom_ref``
+    (default) refits the AtomRef to the residuals of the initial model by least squares.
+    ``data=None`` trains on the built-in dataset. ``val_data`` / ``test_data`` replace the random split's validation / test parts.
     """
 
     data: str | None = None
@@ -64,7 +67,7 @@ class TrainConfig:
     ema_decay: float | None = None  # validate and save a moving average of the weights (e.g. 0.99)
     loss: str = "huber"
     delta: float = 0.1
-    prefactors: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PREFACTORS))
+    prefactors: dict[str, float] | None = None  # None: the recipe's (see loss_prefactors)
     # stage two (as MACE's): after `stage_two_start` epochs, train with these prefactors (the ones
     # not given keep their stage-one value) and, when set, the constant learning rate stage_two_lr
     stage_two_start: int | None = None
@@ -99,7 +102,9 @@ class TrainConfig:
         self._check_optimisation()
         self._check_model_source()
         self._check_distributed()
-        _known_prefactors("loss prefactors", self.prefactors)
+        if self.prefactors is not None:
+            self.prefactors = {k: float(v) for k, v in self.prefactors.items()}
+            _known_prefactors("loss prefactors", self.prefactors)
         self._check_stage_two()
 
     # -- checks (each raises ValueError with the option's name) --------------------------------
@@ -161,23 +166,43 @@ class TrainConfig:
             return self.lr
         return FINETUNE_LR if self.fine_tuning else default_lr(self.batch_size)
 
+    @property
+    def loss_prefactors(self) -> dict[str, float]:
+        """The loss prefactors of stage one: the recipe's (fine-tune or from scratch), updated
+        with those ``prefactors`` gives."""
+        base = FINETUNE_PREFACTORS if self.fine_tuning else DEFAULT_PREFACTORS
+        return {**base, **(self.prefactors or {})}
+
+    def _loss_text(self) -> str:
+        pref = ", ".join(f"{k}={v:g}" for k, v in self.loss_prefactors.items())
+        base = FINETUNE_PREFACTORS if self.fine_tuning else DEFAULT_PREFACTORS
+        if self.loss_prefactors != base:
+            why = "--weights"
+        elif self.fine_tuning:
+            why = "the fine-tuning default: forces weighted 3, measured on mlearn"
+        else:
+            why = "the FastCHGNet / CHGNet default"
+        return f"{self.loss} loss prefactors {pref} ({why})"
+
     def recipe(self) -> str:
         """One line naming the optimisation recipe in force and why (the first line of the log)."""
         sched = f"cosine to {self.min_lr_ratio:g} x lr" + (
             f" after {self.warmup_steps} warm-up steps" if self.warmup_steps else ", no warm-up")
+        loss = self._loss_text()
         if self.fine_tuning:
             lr = (f"lr {self.lr:.3g} (--lr)" if self.lr is not None
                   else f"lr {FINETUNE_LR:g} (chgnet's Trainer default for fine-tuning)")
             ref = ("AtomRef refit to the initial model's residuals" if self.refit_atom_ref
                    else "AtomRef kept (--no-refit-atomref)")
-            return f"recipe: fine-tune from {self.init}: {lr}, {sched}, {ref}"
+            return f"recipe: fine-tune from {self.init}: {lr}, {sched}, {loss}, {ref}"
         lr = (f"lr {self.lr:.3g} (--lr)" if self.lr is not None else
               f"Eq. 14 lr = {self.batch_size}/128 x 3e-4 = {default_lr(self.batch_size):.3g}")
-        return f"recipe: from scratch: {lr}, {sched}, AtomRef by least squares on the labels"
+        return (f"recipe: from scratch: {lr}, {sched}, {loss}, AtomRef by least squares on the "
+                "labels")
 
     def stage_prefactors(self, epoch: int) -> dict[str, float]:
         """The loss prefactors of the epoch after ``epoch`` completed ones."""
-        pref = {**DEFAULT_PREFACTORS, **self.prefactors}
+        pref = self.loss_prefactors
         if self.stage_two_start is not None and epoch >= self.stage_two_start:
             pref.update(self.stage_two_prefactors or {})
         return pref

@@ -30,6 +30,7 @@ not depend on the number of ranks, so a run may be resumed on a different number
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import itertools
 import json
@@ -250,7 +251,9 @@ def _run_config(config: TrainConfig, given: set[str], last: Path) -> TrainConfig
     if last.is_file():
         raise FileExistsError(f"{last.parent} already holds a run (last.pt): pass --resume to "
                               "continue it or choose another --out")
-    return config
+    # the recipe's loss prefactors written out: config.json and the checkpoints hold the values
+    # this run trains with, whatever a later version's defaults
+    return dataclasses.replace(config, prefactors=config.loss_prefactors)
 
 
 @contextlib.contextmanager

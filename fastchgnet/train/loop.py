@@ -95,7 +95,7 @@ class Trainer:
         self.early_stopped = False  # the last fit() ended early: `patience` epochs without progress
         self.bad_epochs = 0  # epochs since the validation loss last improved
         self._stop_requested = False
-        self.loss_fn = EFSMLoss(**config.prefactors, delta=config.delta, loss=config.loss)
+        self.loss_fn = EFSMLoss(**config.loss_prefactors, delta=config.delta, loss=config.loss)
         self.sampler: EpochBatchSampler | DistributedBatchSampler
         self.ddp: nn.Module | None = None
         if dist is None:

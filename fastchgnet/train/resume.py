@@ -62,7 +62,7 @@ def _same_file(a: str | None, b: str | None) -> bool:
 
 def _fmt(name: str, value: Any) -> str:
     if name == "lr" and value is None:
-        return "the default (batch_size / 128 x 3e-4)"
+        return "the recipe's default"
     if name in ("split",):
         return ",".join(f"{x:g}" for x in value)
     if isinstance(value, dict):
@@ -79,7 +79,9 @@ def resume_config(config: TrainConfig, saved: dict[str, Any], given: Iterable[st
     resumable options of ``config``; ``given``: the options the caller set. Raises ValueError
     naming every set option that the checkpoint cannot honour (old and new value)."""
     known = {f.name for f in fields(TrainConfig)}
-    old = TrainConfig.from_dict({k: v for k, v in saved.items() if k in known}).to_dict()
+    old_config = TrainConfig.from_dict({k: v for k, v in saved.items() if k in known})
+    # a run saved without prefactors trained with its recipe's: name them, and keep them
+    old = {**old_config.to_dict(), "prefactors": old_config.loss_prefactors}
     new = config.to_dict()
     merged = dict(old)
     conflicts = []
