@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("chgnet")
 
@@ -41,4 +43,8 @@ def test_main_tiny_run(tmp_path):
     saved = json.loads(path.read_text())
     assert saved["rows"][0]["case"] == "trainer efsm b4"
     assert saved["environment"]["chgnet"]
+    # the CPU generation and the vector ISA torch dispatches to: ratios differ between them
+    assert saved["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    if Path("/proc/cpuinfo").is_file():
+        assert saved["environment"]["cpu_model"].startswith("family ")
     assert saved["settings"]["loss_ratios"] == bench_trainer.LOSS_RATIOS

@@ -133,6 +133,24 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_model() -> str | None:
+    """``family F model M`` from /proc/cpuinfo: a VM's "AMD EPYC" can be several generations
+    (on the development VMs, family 25 model 1 is Zen 3 with AVX2, family 26 is Zen 5 with
+    AVX-512), whose timings and ratios differ."""
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key = line.split(":", 1)[0].strip()
+                if key in ("cpu family", "model") and key not in found:
+                    found[key] = line.split(":", 1)[1].strip()
+                if len(found) == 2:
+                    return f"family {found['cpu family']} model {found['model']}"
+    except OSError:
+        pass
+    return None
+
+
 def _version(module: str) -> str | None:
     try:
         mod = __import__(module)
@@ -165,6 +183,9 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "platform": platform.platform(),
         "device": device,
         "cpu": _cpu_name(),
+        "cpu_model": _cpu_model(),
+        # the vector ISA torch's CPU kernels dispatch to (e.g. AVX2, AVX512)
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": affinity,
         "torch_threads": torch.get_num_threads(),
