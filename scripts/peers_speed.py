@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=DEFAULT_JSON, help="record to write [%(default)s]")
     p.add_argument("--note", default="", help="free text stored in the record (machine load)")
     p.add_argument("--compile", action="store_true",
-                   help="MD case: our calculator compiled (compile=True), compile time recorded")
+                   help="ours compiled: the MD calculator (compile=True) and the training forward "
+                        "(fastchgnet train --compile); compile time recorded")
     args = p.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",") if t]
     cases = [c for c in args.cases.split(",") if c]

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastchgnet.compile import CompileCounter, CompiledStep, compile_blocks, uncompile_blocks
+from fastchgnet.compile import (CompileCounter, CompiledStep, compile_blocks, compile_callable,
+                                uncompile_blocks)
 from fastchgnet.data import build_graphs, collate
 from fastchgnet.data.prototypes import random_structures
 from fastchgnet.model import CHGNet, DecoupledCHGNet, HeadsCHGNet
@@ -125,6 +126,54 @@ def test_compiled_heads_step_equals_eager_and_does_not_recompile(pool, force_hea
     assert cc.frame_count == 1  # the whole step is one graph (fullgraph: no break)
     warm, recompiles = _recompiles_after_warmup(step, batches, cc)
     assert recompiles <= 2, f"{recompiles} recompilations over 50 batches"
+
+
+@pytest.mark.parametrize("cls", [CHGNet, DecoupledCHGNet])
+def test_compiled_second_order_forward_equals_eager_in_one_graph(pool, cls):
+    """A training forward of a model with autograd forces, compiled: the energy gradient is
+    taken by torch.func.grad inside the graph (no break), and the loss's backward through the
+    forces gives the eager gradients; other batch sizes do not recompile."""
+    batches = _batches(pool, 23, seed=2)
+    comp_m, eager_m = _model(cls).train(), _model(cls).train()
+    cc = CompileCounter("aot_eager")
+    fwd = compile_callable(comp_m, backend=cc)
+    loss_fn = EFSMLoss()
+    for b, t in batches[:2]:
+        for net, call in ((comp_m, fwd), (eager_m, eager_m)):
+            net.zero_grad()
+            out = call(b, task="efsm", create_graph=True)
+            loss, _ = loss_fn(out, t, b)
+            loss.backward()
+            net.outs = (out, loss.detach())
+        for k in "efsm":
+            torch.testing.assert_close(comp_m.outs[0][k], eager_m.outs[0][k], rtol=1e-9,
+                                       atol=1e-10)
+        torch.testing.assert_close(comp_m.outs[1], eager_m.outs[1], rtol=1e-10, atol=1e-12)
+        for (n, p), q in zip(comp_m.named_parameters(), eager_m.parameters()):
+            assert (p.grad is None) == (q.grad is None), n
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-10, msg=n)
+    assert cc.frame_count == 1  # fullgraph: a break would raise
+    warm, recompiles = _recompiles_after_warmup(
+        lambda b, t: fwd(b, task="efsm", create_graph=True), batches, cc)
+    assert recompiles <= 2, f"{recompiles} recompilations over 20 batches"
+
+
+def test_compiled_float32_forward_takes_plain_products(pool):
+    """float32 on the CPU: eager calls use oneDNN, the traced gradient F.linear (torch.func
+    transforms support neither oneDNN path), and the two agree."""
+    from fastchgnet.nn import linear as lin
+
+    b, t = _batches(pool, 1, seed=4, dtype=torch.float32)[0]
+    torch.manual_seed(0)
+    m = CHGNet(**SMALL).train()
+    fwd = compile_callable(m, backend=CompileCounter("aot_eager"))
+    with lin.plain_products():
+        assert not lin.use_onednn(torch.zeros(4096, 8))
+    comp = fwd(b, task="efsm", create_graph=True)
+    ref = m(b, task="efsm", create_graph=True)
+    for k in "efsm":
+        torch.testing.assert_close(comp[k], ref[k], rtol=1e-4, atol=1e-5)
 
 
 def test_compiled_step_refuses_models_that_need_second_derivatives():

@@ -213,6 +213,21 @@ def test_dataloader_workers_give_the_same_run(tmp_path, xyz):
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
+def test_compiled_training_of_the_exact_model_follows_the_eager_run(tmp_path, xyz):
+    """--compile with a model whose forces are energy derivatives (one process): the traced
+    torch.func gradient trains like the eager step (aot_eager: Dynamo and AOTAutograd, fast)."""
+    torch._dynamo.reset()
+    a = _cfg(tmp_path / "a", xyz, epochs=1, cache=str(tmp_path / "cache"), precision="fp64")
+    b = _cfg(tmp_path / "b", xyz, epochs=1, cache=str(tmp_path / "cache"), precision="fp64",
+             compile="aot_eager")
+    train(a, log=lambda m: None)
+    train(b, log=lambda m: None)
+    torch._dynamo.reset()
+    pa, pb = _params(Path(a.out)), _params(Path(b.out))
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-7, atol=1e-9, msg=k)
+
+
 def test_resume_can_extend_the_number_of_epochs(tmp_path, xyz):
     cfg = _cfg(tmp_path, xyz, epochs=1)
     train(cfg, log=lambda m: None)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -57,6 +58,7 @@ from fastchgnet.bench.train_step import (
     reference_training,
     train_loss,
 )
+from fastchgnet.compile import compile_callable
 from fastchgnet.train.schedule import make_optimizer
 from fastchgnet.units import EV_A3_TO_GPA
 
@@ -135,10 +137,12 @@ def _single_point(atoms: Any, calc: Any) -> dict[str, np.ndarray]:
             "m": np.abs(np.asarray(calc.get_property("magmoms", a)).reshape(-1))}
 
 
-def train_case(batch_size: int = TRAIN_BATCH,
-               seed: int = 0) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
+def train_case(batch_size: int = TRAIN_BATCH, seed: int = 0, compile_ours: bool = False
+               ) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
     """One training step of each implementation on the same batch and labels, each from the
-    0.3.0 weights with its AtomRef frozen and its own Adam (lr 1e-3)."""
+    0.3.0 weights with its AtomRef frozen and its own Adam (lr 1e-3). ``compile_ours``: our
+    forward compiled by Inductor (what ``fastchgnet train --compile`` runs; compiled in the
+    first, untimed call)."""
     require_matgl()
     data = chgnet_like_batch(batch_size, seed + batch_size, max_atoms=default_max_atoms("cpu"))
     model, weights = load_our_model("cpu")
@@ -153,14 +157,15 @@ def train_case(batch_size: int = TRAIN_BATCH,
     pot_opt = torch.optim.Adam([p for p in pot.parameters() if p.requires_grad], lr=LEARNING_RATE)
     g, lat = matgl_graphs(data.structures, tuple(pot.model.element_types), pot.model.cutoff)
     n_atoms = torch.tensor([len(s) for s in data.structures], dtype=torch.float32)
+    forward = compile_callable(model) if compile_ours else None
     fns = {
-        "ours": functools.partial(ours_train_step, model, opt, batch, targets),
+        "ours": functools.partial(ours_train_step, model, opt, batch, targets, forward=forward),
         "matgl": functools.partial(matgl_train_step, pot, pot_opt, g, lat, n_atoms, labels,
                                    train_loss),
         "chgnet": functools.partial(chgnet_train_step, ref, ref_opt, graphs, labels),
     }
     info = {"n_atoms": data.n_atoms, "batch_size": batch_size, "weights": weights, **counts,
-            "structures": data.source}
+            "structures": data.source, "ours_compiled": compile_ours}
     return fns, info
 
 
@@ -179,7 +184,8 @@ def run_peers(threads: Sequence[int] = (1, 2), cases: Sequence[str] = CASES, rep
               on_row: Callable[[list[dict]], None] | None = None,
               compile_ours: bool = False) -> list[dict]:
     """One row per (case, thread count); see the module docstring. ``compile_ours``: our MD
-    calculator compiled (see :class:`Peers`)."""
+    calculator compiled (see :class:`Peers`) and our training forward compiled
+    (:func:`train_case`)."""
     unknown = set(cases) - set(CASES)
     if unknown:
         raise ValueError(f"unknown cases {sorted(unknown)}; use {list(CASES)}")
@@ -193,7 +199,10 @@ def run_peers(threads: Sequence[int] = (1, 2), cases: Sequence[str] = CASES, rep
         with torch_threads(t), quiet():
             fns, info = build()
             if name.startswith("train"):  # the first step's loss of each (before any update)
-                info.update({f"loss_{k}": float(fn()) for k, fn in fns.items()})
+                for k, fn in fns.items():  # and its time (ours compiled: the compilation)
+                    t0 = time.perf_counter()
+                    info[f"loss_{k}"] = float(fn())
+                    info[f"first_step_s_{k}"] = time.perf_counter() - t0
             timer = Interleaved(fns)
             timer.run(n_rep, warmup)
         rows.append({"case": name, "threads": t, **info, **timer.summary(),
@@ -213,7 +222,8 @@ def run_peers(threads: Sequence[int] = (1, 2), cases: Sequence[str] = CASES, rep
             measure(f"predict efsm {len(structures.batch)}x b{len(structures.batch)}", t,
                     functools.partial(peers.predict_case, structures.batch), repeats)
         if "train" in cases:
-            measure(f"train efsm b{TRAIN_BATCH}", t, train_case, repeats)
+            measure(f"train efsm b{TRAIN_BATCH}" + (" (ours compiled)" if compile_ours else ""),
+                    t, functools.partial(train_case, compile_ours=compile_ours), repeats)
     return rows
 
 

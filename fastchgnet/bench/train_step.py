@@ -174,12 +174,13 @@ def train_loss(pred: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -
 
 
 def ours_train_step(model: Any, optimizer: torch.optim.Optimizer, batch: Any, targets: Targets,
-                    loss_fn: EFSMLoss = _LOSS) -> torch.Tensor:
-    """One training step of fastchgnet on a collated batch already on the device.
+                    loss_fn: EFSMLoss = _LOSS, forward: Any = None) -> torch.Tensor:
+    """One training step of fastchgnet on a collated batch already on the device; ``forward``:
+    the model's forward to call instead of ``model`` (e.g. a compiled one).
 
     Returns the loss (a detached tensor: no host synchronisation here).
     """
-    out = model(batch, task="efsm", create_graph=True)
+    out = (model if forward is None else forward)(batch, task="efsm", create_graph=True)
     loss, _ = loss_fn(out, targets)
     loss.backward()
     optimizer.step()

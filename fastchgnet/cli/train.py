@@ -125,8 +125,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="no parity plots")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile the training forward of a heads model (--model heads); "
-                        "BACKEND defaults to inductor")
+                   help="torch.compile the training forward from the first step (every model "
+                        "on one process; --model heads in a distributed run); BACKEND defaults "
+                        "to inductor; 'off' never compiles. Default 'auto': on one CPU process, "
+                        "compile once the eager steps have taken 120 s (a compilation takes about "
+                        "2 minutes on a 2-core CPU), and keep it only if faster [auto]")
     p.add_argument("--log-every", type=int, default=None, metavar="STEPS",
                    help="log the loss and the load CV every STEPS steps (0: per epoch only) [0]")
     d = p.add_argument_group("distributed (torchrun --nproc_per_node N -m fastchgnet train ...)")

@@ -21,11 +21,12 @@ from torch import Tensor, nn
 from fastchgnet import keys
 from fastchgnet.data.batch import Batch
 from fastchgnet.keys import VALID_TASKS, check_task
-from fastchgnet.model.backbone import Backbone
+from fastchgnet.model.backbone import Backbone, Features
 from fastchgnet.model.blocks import BLOCKS, Block
 from fastchgnet.model.config import CHGNetConfig
 from fastchgnet.model.outputs import AutogradForceStress, cell_volume
 from fastchgnet.model.predict import predict
+from fastchgnet.nn.linear import plain_products
 from fastchgnet.nn.scatter import segment_sum
 from fastchgnet.units import EV_A3_TO_GPA
 
@@ -89,13 +90,17 @@ class CHGNet(Backbone):
         if create_graph is None:
             create_graph = self.training
         by_grad = self.output.needs_energy_gradient and (want_f or want_s)
-        with torch.enable_grad() if by_grad else nullcontext():
-            vec = self.bond_vectors(batch)
-            if by_grad and not vec.requires_grad:
-                vec.requires_grad_(True)
-            feats = self.features(batch, vec, want_m=want_m, want_atom_fea=return_atom_feas,
-                                  compiled=not (by_grad and create_graph))
-            terms = self.output(batch, vec, feats, want_f, want_s, create_graph)
+        if by_grad and create_graph and torch.compiler.is_compiling() \
+                and isinstance(self.output, AutogradForceStress):
+            feats, terms = self._traced_gradient(batch, want_f, want_s, want_m, return_atom_feas)
+        else:
+            with torch.enable_grad() if by_grad else nullcontext():
+                vec = self.bond_vectors(batch)
+                if by_grad and not vec.requires_grad:
+                    vec.requires_grad_(True)
+                feats = self.features(batch, vec, want_m=want_m, want_atom_fea=return_atom_feas,
+                                      compiled=not (by_grad and create_graph))
+                terms = self.output(batch, vec, feats, want_f, want_s, create_graph)
 
         out: dict[str, Tensor] = {}
         energy, site = terms.energy, terms.site
@@ -118,6 +123,26 @@ class CHGNet(Backbone):
         if feats.atom_fea is not None:
             out[keys.ATOM_FEA] = feats.atom_fea
         return out
+
+    def _traced_gradient(self, batch: Batch, want_f: bool, want_s: bool, want_m: bool,
+                         want_atom_fea: bool) -> tuple[Features, Any]:
+        """Forces and stress of a compiled pass whose outputs are differentiated again (a
+        training step): the energy gradient by ``torch.func.grad``, which Dynamo traces into the
+        graph, so the graph holds the whole first-order computation and AOTAutograd
+        differentiates it once (``autograd.grad(create_graph=True)`` would break the graph, and a
+        compiled backward cannot itself be differentiated)."""
+        vec = self.bond_vectors(batch)
+
+        def energy(v: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            f = self.features(batch, v, want_m=want_m, want_atom_fea=want_atom_fea,
+                              compiled=False)
+            # the transform's auxiliary outputs must be tensors: the fields that are set
+            return f.energy.sum(), {k: t for k, t in vars(f).items() if t is not None}
+
+        with plain_products():  # torch.func transforms take neither oneDNN path
+            g, aux = torch.func.grad(energy, has_aux=True)(vec)
+        feats = Features(**aux)
+        return feats, AutogradForceStress.terms(batch, vec, feats, g, want_f, want_s)
 
     def predict(self, structures: Any, task: str = "efsm", batch_size: int = 16, **kwargs: Any):
         """Predict for one structure or a list (pymatgen or ASE); see :func:`fastchgnet.predict`."""

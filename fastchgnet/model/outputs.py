@@ -77,12 +77,19 @@ class AutogradForceStress:
 
     def __call__(self, batch: Batch, vec: Tensor, feats: Features, want_f: bool, want_s: bool,
                  create_graph: bool) -> Terms:
+        if not (want_f or want_s):
+            return Terms(feats.energy, feats.site)
+        with input_gradients_only():  # the weights' gradients are not asked for here
+            (g,) = torch.autograd.grad(feats.energy.sum(), vec, create_graph=create_graph)
+        return self.terms(batch, vec, feats, g, want_f, want_s)
+
+    @staticmethod
+    def terms(batch: Batch, vec: Tensor, feats: Features, g: Tensor, want_f: bool,
+              want_s: bool) -> Terms:
+        """The terms of the gradient ``g = dE/dvec`` (n_bonds, 3) however it was taken."""
         terms = Terms(feats.energy, feats.site)
-        if want_f or want_s:
-            with input_gradients_only():  # the weights' gradients are not asked for here
-                (g,) = torch.autograd.grad(feats.energy.sum(), vec, create_graph=create_graph)
-            if want_f:
-                terms.forces = bond_forces(batch, g)
-            if want_s:
-                terms.stress = virial_stress(batch, vec.detach().unsqueeze(2) * g.unsqueeze(1))
+        if want_f:
+            terms.forces = bond_forces(batch, g)
+        if want_s:
+            terms.stress = virial_stress(batch, vec.detach().unsqueeze(2) * g.unsqueeze(1))
         return terms

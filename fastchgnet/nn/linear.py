@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["MIN_ROWS", "input_gradients_only", "linear", "use_onednn"]
+__all__ = ["MIN_ROWS", "input_gradients_only", "linear", "plain_products", "use_onednn"]
 
 #: fewest rows for which the oneDNN product is used (crossover measured at 200-1000 rows, 64 wide)
 MIN_ROWS = 256
@@ -46,7 +46,17 @@ _ONEDNN = (torch.backends.mkldnn.is_available()
            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-_STATE = threading.local()
+class _State(threading.local):
+    """Per-thread scopes. Every thread's state holds both attributes from the start (local's
+    ``__init__`` runs in each thread): torch.compile guards on them, and an attribute that
+    appeared only after a first scope would fail that guard and recompile."""
+
+    def __init__(self) -> None:
+        self.inputs_only = False
+        self.plain = False
+
+
+_STATE = _State()
 
 
 @contextmanager
@@ -55,17 +65,36 @@ def input_gradients_only() -> Iterator[None]:
     forces' gradient with respect to the bond vectors): the oneDNN backward skips the weight and
     bias gradients there. Backward passes outside the scope (``loss.backward()`` in training, also
     of a graph built inside it) compute them. Per thread; CPU backward runs on the calling thread."""
-    previous = getattr(_STATE, "inputs_only", False)
-    _STATE.inputs_only = True
+    with _flag("inputs_only"):
+        yield
+
+
+@contextmanager
+def _flag(name: str) -> Iterator[None]:
+    """Set the per-thread flag ``name`` for the block, then restore it."""
+    previous = getattr(_STATE, name)
+    setattr(_STATE, name, True)
     try:
         yield
     finally:
-        _STATE.inputs_only = previous
+        setattr(_STATE, name, previous)
+
+
+@contextmanager
+def plain_products() -> Iterator[None]:
+    """Scope in which :func:`linear` is always ``F.linear``: code under ``torch.func`` transforms
+    (the compiled training step of a model with autograd forces takes the forces with
+    ``torch.func.grad``), which neither the autograd function nor the ``torch.library`` op
+    support. Per thread; Dynamo traces the scope inside a compiled function."""
+    with _flag("plain"):
+        yield
 
 
 def use_onednn(x: Tensor) -> bool:
     """Whether :func:`linear` sends this input to oneDNN (see the module docstring)."""
     if not (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2):
+        return False
+    if _STATE.plain:
         return False
     if os.environ.get("FASTCHGNET_CPU_GEMM", "") == "aten":
         return False
@@ -110,7 +139,7 @@ class _OneDNNLinear(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
         gx = gw = gb = None
-        params = not getattr(_STATE, "inputs_only", False)
+        params = not _STATE.inputs_only
         if ctx.needs_input_grad[0]:
             # differentiable: the product of a differentiated gradient (training on forces)
             gx = _OneDNNLinear.apply(grad, weight.t().contiguous(), None)

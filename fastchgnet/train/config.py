@@ -86,7 +86,9 @@ class TrainConfig:
     progress: bool = True
     plots: bool = True
     resume: bool = False
-    compile: str | None = None  # torch.compile backend ("inductor", ...) for a heads model's step
+    # the training forward's torch.compile: "auto" (compile after COMPILE_AFTER_S s of eager steps
+    # on one CPU process), a backend ("inductor", ...: from the first step) or "off"/None
+    compile: str | None = "auto"
     # distributed runs only (ignored by a single process)
     balance: str = "greedy"  # split of each global batch over the ranks: none, paper, greedy
     bucket_mb: float | None = None  # DDP gradient bucket size (None: torch's 1 MiB first, then 25)

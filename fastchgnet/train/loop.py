@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fastchgnet.device import flush_denormals, resolve_device
-from fastchgnet.compile import check_first_order, compile_callable
+from fastchgnet.compile import check_first_order
+from fastchgnet.compile.train import TrainForward, resolve_train_compile
 from fastchgnet.model.exact import CHGNet
 from fastchgnet.model.weights import save_checkpoint
 from fastchgnet.train.balance import DistributedBatchSampler, sample_costs
@@ -108,13 +109,16 @@ class Trainer:
                 sample_costs(train_set.sizes()), config.batch_size, dist.world_size, dist.rank,
                 policy=config.balance, seed=config.seed)
             self.ddp = wrap_ddp(self.model, config.bucket_mb)
-        self._forward: Callable[..., dict[str, Tensor]] = self.ddp if self.ddp is not None else self.model
-        if config.compile:
-            check_first_order(self.model, "--compile")
-            # distributed: the DDP module is compiled (dynamo splits the graph at the gradient
-            # buckets, so the all-reduce still overlaps the backward): no fullgraph
-            self._forward = compile_callable(self._forward, backend=config.compile,
-                                             fullgraph=self.ddp is None)
+        eager = self.ddp if self.ddp is not None else self.model
+        policy = resolve_train_compile(config.compile)
+        if policy not in (None, "auto") and self.ddp is not None:
+            # one process: models with autograd forces compile too (their gradient is traced)
+            check_first_order(self.model, "--compile of a distributed run")
+        # distributed: the DDP module is compiled (dynamo splits the graph at the gradient
+        # buckets, so the all-reduce still overlaps the backward): no fullgraph
+        self._forward = TrainForward(eager, policy, device=self.device,
+                                     can_auto=self.ddp is None and self.device.type == "cpu",
+                                     fullgraph=self.ddp is None, log=self.log)
         self.steps_per_epoch = len(self.sampler)
         self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay)
         two = config.stage_two_start is not None and config.stage_two_lr is not None
@@ -276,22 +280,40 @@ class Trainer:
         """One optimiser step; returns the loss (a device tensor, no host sync). Distributed:
         this rank's share of the global batch's loss (the shares of all ranks sum to it)."""
         self.model.train()
+        t0 = time.perf_counter()
+        compiled = self._forward.compiled
         with flush_denormals(self.device):
-            pred = self._forward(batch, task="efsm", create_graph=True)
-            if self.dist is None:
-                loss, _ = self.loss_fn(pred, targets)
-                share = loss
-            else:
-                loss, share = global_loss(self.loss_fn, pred, targets, self.dist)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            try:
+                share = self._loss_backward(batch, targets)
+            except Exception as exc:  # a compiled step that fails runs again eagerly
+                if not compiled:
+                    raise
+                self._forward.failed(exc)
+                compiled = None  # this step's time is not a compiled step's
+                share = self._loss_backward(batch, targets)
         if self.cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update()
+        if compiled is not None:  # CPU wall time (the "auto" policy runs on the CPU only)
+            left = self.cfg.epochs * self.steps_per_epoch - self.step - 1
+            self._forward.step_done(time.perf_counter() - t0, int(batch.positions.shape[0]),
+                                    compiled, remaining_steps=left)
         return share.detach()
+
+    def _loss_backward(self, batch: Any, targets: Any) -> Tensor:
+        """Forward, loss and backward of one step; returns this rank's share of the loss."""
+        pred = self._forward(batch, task="efsm", create_graph=True)
+        if self.dist is None:
+            loss, _ = self.loss_fn(pred, targets)
+            share = loss
+        else:
+            loss, share = global_loss(self.loss_fn, pred, targets, self.dist)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return share
 
     def request_stop(self) -> None:
         """Make :meth:`fit` return after the current optimiser step (from a step callback, or a

@@ -1,0 +1,147 @@
+"""When the trainer's forward is compiled: ``--compile`` (at the first step), ``auto`` (the
+default: the ski-rental rule on the CPU) or ``off``.
+
+:class:`TrainForward` is the trainer's ``forward(batch, task, create_graph)``: the model (or its
+DDP wrapper) called eagerly, or its ``torch.compile`` (:func:`~fastchgnet.compile.compile_callable`,
+dynamic shapes). With a model whose forces are energy derivatives, the compiled forward takes
+them with ``torch.func.grad`` inside the graph (``CHGNet._traced_gradient``), so the whole
+training step runs compiled and differentiated once.
+
+Policies (``TrainConfig.compile``):
+
+* a backend name (``"inductor"``, ``"aot_eager"``, ...; ``--compile [BACKEND]``): compile at the
+  first step;
+* ``"auto"`` (the default): on one CPU process, train eagerly until the steps have taken
+  :data:`COMPILE_AFTER_S` seconds, then compile with Inductor if the steps the run still plans
+  would take at least twice that long eagerly. The compilation took about two minutes on a
+  2-core CPU and made the exact model's step 1.8x faster there (docs/performance.md), so a short
+  fine-tune never pays it and a long run loses at most about that time against the right choice
+  made in advance. After compiling, the first
+  :data:`TRIAL_STEPS` compiled steps are compared, per atom, with the last eager ones; when they
+  are not at least 5 % faster, training goes back to eager for good. On CUDA and in distributed
+  runs ``"auto"`` stays eager (not measured there);
+* ``"off"`` / None: always eager.
+
+A compiled step that raises (no C++ compiler, an unsupported batch) is run again eagerly and the
+run stays eager from then on; the log says why. Nothing global changes (settings are scoped to
+each call).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Callable
+
+import torch
+
+from fastchgnet.compile.auto import compiler_available
+from fastchgnet.compile.settings import compile_callable
+
+__all__ = ["COMPILE_AFTER_S", "TRIAL_STEPS", "TrainForward", "resolve_train_compile"]
+
+#: seconds of eager training steps after which ``"auto"`` compiles (about one compilation)
+COMPILE_AFTER_S = 120.0
+#: compiled steps compared with the last eager ones after ``"auto"`` compiled
+TRIAL_STEPS = 5
+OFF = ("off", "never", "none", "false")
+
+
+def resolve_train_compile(value: str | None) -> str | None:
+    """``TrainConfig.compile`` as a policy: None (off), ``"auto"``, or a backend name."""
+    if value is None or str(value).lower() in OFF:
+        return None
+    return "auto" if str(value).lower() == "auto" else str(value)
+
+
+class TrainForward:
+    """``forward(batch, task=..., create_graph=...)`` of the trainer, eager or compiled (see the
+    module docstring). ``can_auto``: whether ``"auto"`` may compile here (one CPU process);
+    ``log``: one line per decision."""
+
+    def __init__(self, eager: Callable[..., Any], policy: str | None, *, device: torch.device,
+                 can_auto: bool, fullgraph: bool = True,
+                 compile_after_s: float = COMPILE_AFTER_S, auto_backend: str = "inductor",
+                 log: Callable[[str], None] = lambda msg: None) -> None:
+        self.eager, self.device, self.log = eager, torch.device(device), log
+        self.auto_backend = auto_backend
+        self.policy = resolve_train_compile(policy)
+        self.fullgraph, self.compile_after_s = fullgraph, float(compile_after_s)
+        self.auto = self.policy == "auto" and can_auto
+        self.mode = "eager"  # "eager", "compiled", "eager (fallback)", "eager (not faster)"
+        self.eager_s = 0.0
+        self._fn: Callable[..., Any] | None = None
+        self._eager_per_atom: list[float] = []
+        self._eager_step: list[float] = []
+        self._trial: list[float] | None = None
+        if self.policy not in (None, "auto"):
+            self._compile(self.policy, f"--compile {self.policy}")
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the next step runs compiled."""
+        return self._fn is not None
+
+    def __call__(self, batch: Any, **kwargs: Any) -> Any:
+        return (self._fn or self.eager)(batch, **kwargs)
+
+    def _compile(self, backend: str, why: str) -> None:
+        if backend == "inductor":
+            ok, reason = compiler_available(self.device)
+            if not ok:
+                self.mode = "eager (fallback)"
+                self.log(f"compile: training eagerly, cannot compile here ({reason})")
+                return
+        self._fn = compile_callable(self.eager, backend=backend, fullgraph=self.fullgraph)
+        self.mode = "compiled"
+        self.log(f"compile: compiling the training step ({backend}, dynamic shapes): {why}; "
+                 "the next step includes the compilation")
+
+    def failed(self, exc: BaseException) -> None:
+        """A compiled step raised: eager from now on (the caller runs the step again)."""
+        self._fn = None
+        self.mode = "eager (fallback)"
+        cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
+        first = str(cause).strip().splitlines()
+        self.log(f"compile: the compiled training step failed ({type(cause).__name__}: "
+                 f"{first[0][:200] if first else ''}); training eagerly from now on")
+
+    def step_done(self, seconds: float, n_atoms: int, compiled: bool,
+                  remaining_steps: int | None = None) -> None:
+        """Record a finished step (``compiled``: it ran compiled; ``remaining_steps``: how many
+        the run still plans); ``"auto"`` decides here."""
+        if not self.auto:
+            return
+        per_atom = seconds / max(n_atoms, 1)
+        if not compiled:
+            if self.mode != "eager":
+                return
+            self.eager_s += seconds
+            self._eager_step = (self._eager_step + [seconds])[-TRIAL_STEPS:]
+            self._eager_per_atom = (self._eager_per_atom + [per_atom])[-TRIAL_STEPS:]
+            # what is left must be worth a compilation: at the measured speed-up (1.8x) the
+            # remaining eager time has to be about twice the compile time
+            left = (statistics.mean(self._eager_step) * remaining_steps
+                    if remaining_steps is not None else float("inf"))
+            if self.eager_s >= self.compile_after_s and left >= 2 * self.compile_after_s:
+                self._trial = None
+                self._compile(self.auto_backend, f"the eager steps took {self.eager_s:.0f} s "
+                                          f"(>= {self.compile_after_s:g} s)")
+            return
+        if self._trial is None:  # the step that compiled
+            self._trial = []
+            self.log(f"compile: the first compiled step took {seconds:.1f} s")
+            return
+        if len(self._trial) >= TRIAL_STEPS or len(self._eager_per_atom) < 3:
+            return
+        self._trial.append(per_atom)
+        if len(self._trial) < TRIAL_STEPS:
+            return
+        t_c, t_e = statistics.median(self._trial), statistics.median(self._eager_per_atom)
+        if t_c > 0.95 * t_e:
+            self._fn = None
+            self.mode = "eager (not faster)"
+            self.log(f"compile: compiled steps are not faster here ({1e6 * t_c:.0f} vs "
+                     f"{1e6 * t_e:.0f} µs per atom eager); training eagerly from now on")
+        else:
+            self.log(f"compile: compiled steps {1e6 * t_c:.0f} µs per atom against "
+                     f"{1e6 * t_e:.0f} eager ({t_e / t_c:.2f}x); keeping them")
