@@ -128,8 +128,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the training forward from the first step (every model "
                         "on one process; --model heads in a distributed run); BACKEND defaults "
                         "to inductor; 'off' never compiles. Default 'auto': on one CPU process, "
-                        "compile once the eager steps have taken 120 s (a compilation takes about "
-                        "2 minutes on a 2-core CPU), and keep it only if faster [auto]")
+                        "compile once the eager steps have taken 120 s if the rest of the run "
+                        "would take 240 s more (a compilation takes about 2 minutes on a 2-core "
+                        "CPU), and keep it only if faster [auto]")
     p.add_argument("--log-every", type=int, default=None, metavar="STEPS",
                    help="log the loss and the load CV every STEPS steps (0: per epoch only) [0]")
     d = p.add_argument_group("distributed (torchrun --nproc_per_node N -m fastchgnet train ...)")
