@@ -53,8 +53,8 @@ import torch
 from fastchgnet.compile.forward import _trace_autograd
 from fastchgnet.compile.settings import compile_callable
 
-__all__ = ["COMPILE_AFTER_S", "CompileReport", "GuardedForward", "compiler_available",
-           "resolve_compile"]
+__all__ = ["COMPILE_AFTER_S", "CompileReport", "GuardedForward", "compile_error",
+           "compiler_available", "resolve_compile"]
 
 log = logging.getLogger("fastchgnet")
 
@@ -134,6 +134,14 @@ def _counting(backend: str | Callable, counter: list[int]) -> Callable:
         fn = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
         return fn(gm, example_inputs)
     return compile_fn
+
+
+def compile_error(exc: BaseException) -> str:
+    """``Type: first line`` of the compiler's own error (not Dynamo's wrapper of it,
+    BackendCompilerFailed), for a log line."""
+    cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
+    first = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {first[0][:200] if first else ''}"
 
 
 def _key(batch: Any, task: str) -> tuple[str, int]:
@@ -249,11 +257,7 @@ class GuardedForward:
         """A compiled call raised: a compiler failure (then eager from now on), unless the eager
         call raises too (an error of the batch itself, raised as usual)."""
         out = self._run_eager(batch, task)
-        # the compiler's own error, not Dynamo's wrapper of it (BackendCompilerFailed)
-        cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
-        first = str(cause).strip().splitlines()
-        self._fallback(f"compilation or the compiled call failed ({type(cause).__name__}: "
-                       f"{first[0][:200] if first else ''})")
+        self._fallback(f"compilation or the compiled call failed ({compile_error(exc)})")
         return out
 
     def __call__(self, batch: Any, task: str) -> dict[str, torch.Tensor]:

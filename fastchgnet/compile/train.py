@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import torch
 
-from fastchgnet.compile.auto import compiler_available
+from fastchgnet.compile.auto import compile_error, compiler_available
 from fastchgnet.compile.settings import compile_callable
 
 __all__ = ["COMPILE_AFTER_S", "TRIAL_STEPS", "TrainForward", "resolve_train_compile"]
@@ -100,10 +100,8 @@ class TrainForward:
         """A compiled step raised: eager from now on (the caller runs the step again)."""
         self._fn = None
         self.mode = "eager (fallback)"
-        cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
-        first = str(cause).strip().splitlines()
-        self.log(f"compile: the compiled training step failed ({type(cause).__name__}: "
-                 f"{first[0][:200] if first else ''}); training eagerly from now on")
+        self.log(f"compile: the compiled training step failed ({compile_error(exc)}); "
+                 "training eagerly from now on")
 
     def step_done(self, seconds: float, n_atoms: int, compiled: bool,
                   remaining_steps: int | None = None) -> None:
