@@ -100,6 +100,42 @@ def test_compiled_graph_calls_the_onednn_op():
     assert any("onednn_linear" in name for name in counter.op_names())
 
 
+@needs_onednn
+def test_inductor_calls_the_row_dispatching_op():
+    """Compiled by Inductor, the op becomes ``fastchgnet::cpu_linear`` (no custom-op Python
+    layers), which takes MKL's mm below GRAPH_MIN_ROWS rows and oneDNN from there on, chosen at
+    each call: both sizes run the same compiled code and equal F.linear."""
+    from torch._inductor.utils import run_and_get_code
+
+    from fastchgnet.compile.lowering import register_gemm_lowering
+    from fastchgnet.compile.settings import compile_callable
+
+    assert register_gemm_lowering() and register_gemm_lowering()  # idempotent
+    w = torch.randn(16, 8)
+    torch._dynamo.reset()
+    fn = compile_callable(lambda x, w: linear(x, w) * 2.0)
+    x = torch.randn(40, 8)
+    with torch._inductor.config.patch(fx_graph_cache=False):  # code compiled here, not cached
+        out, code = run_and_get_code(fn, x, w)
+    torch.testing.assert_close(out, F.linear(x, w) * 2.0, rtol=1e-5, atol=1e-5)
+    text = "\n".join(code)
+    assert "torch.ops.fastchgnet.cpu_linear" in text
+    assert "torch.ops.fastchgnet.onednn_linear.default(" not in text
+    big = torch.randn(lin.GRAPH_MIN_ROWS + 5, 8)
+    torch.testing.assert_close(fn(big, w), F.linear(big, w) * 2.0, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_row_dispatching_op_picks_by_rows(monkeypatch):
+    calls = []
+    monkeypatch.setattr(lin, "_onednn", lambda x, w, b: calls.append(x.shape[0]) or F.linear(x, w))
+    w = torch.randn(16, 8)
+    for rows in (7, lin.GRAPH_MIN_ROWS):
+        x = torch.randn(rows, 8)
+        torch.testing.assert_close(torch.ops.fastchgnet.cpu_linear(x, w), F.linear(x, w))
+    assert calls == [lin.GRAPH_MIN_ROWS]
+
+
 # ---- the angles' rows (Batch.angle_rows) ----------------------------------------------------
 
 def _batch(dtype=torch.float64):

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.fx.experimental import _config as fx_config
 
+from fastchgnet.compile.lowering import register_gemm_lowering
+
 __all__ = ["CompileCounter", "check_first_order", "compile_callable"]
 
 
@@ -84,7 +86,10 @@ def compile_callable(fn: Callable, *, backend: str | Callable = "inductor", dyna
                      options: dict[str, Any] | None = None) -> Callable:
     """``torch.compile(fn, ...)`` called under this module's scoped settings (see
     :class:`_Scoped`). ``fullgraph=False`` is needed to compile a DDP module, whose graph Dynamo
-    splits at the gradient buckets."""
+    splits at the gradient buckets. Inductor compiles our CPU matrix product by its size
+    (:func:`~fastchgnet.compile.lowering.register_gemm_lowering`)."""
+    if not isinstance(backend, str) or backend == "inductor":  # (a callable may wrap Inductor)
+        register_gemm_lowering()
     return _Scoped(torch.compile(fn, backend=backend, dynamic=dynamic, fullgraph=fullgraph,
                                  mode=mode, options=options))
 

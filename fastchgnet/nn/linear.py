@@ -10,10 +10,11 @@ float32 CPU call to oneDNN and everything else to ``addmm``:
 * oneDNN only where it is available, for float32 (it has no float64 kernel), and in eager
   calls for at least :data:`MIN_ROWS` rows (below that its per-call set-up costs more than it
   saves). While ``torch.compile`` traces, every float32 CPU product goes to the op
-  ``fastchgnet::onednn_linear`` (a ``torch.library`` op that Inductor calls as it is; a size
-  test would add a guard): the 512-atom MD step took 135 ms compiled this way against 169 ms
-  with Inductor's MKL products. ``torch.export`` gets ``F.linear`` (a saved program must run
-  without fastchgnet);
+  ``fastchgnet::onednn_linear`` (a size test would add a guard), which Inductor lowers to
+  ``fastchgnet::cpu_linear``: oneDNN from :data:`GRAPH_MIN_ROWS` rows, MKL below, chosen at each
+  call (:mod:`fastchgnet.compile.lowering`). On the Zen 5 VM the 512-atom MD step took 135 ms
+  compiled with oneDNN products against 169 ms with MKL's. ``torch.export`` gets ``F.linear`` (a
+  saved program must run without fastchgnet);
 * autograd: the input gradient ``g @ weight`` is the same product with the transposed weight,
   computed by the same function, so it is differentiable again (forces that are trained need
   second derivatives); the weight gradient ``g.T @ x`` with oneDNN too, on transposed views;
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["MIN_ROWS", "input_gradients_only", "linear", "plain_products", "use_onednn"]
+__all__ = ["GRAPH_MIN_ROWS", "MIN_ROWS", "input_gradients_only", "linear", "plain_products", "use_onednn"]
 
 #: fewest rows for which the oneDNN product is used (crossover measured at 200-1000 rows, 64 wide)
 MIN_ROWS = 256
@@ -177,6 +178,33 @@ def _op_backward(ctx, grad: Tensor):  # type: ignore[no-untyped-def]
 
 
 onednn_linear.register_autograd(_op_backward, setup_context=_op_setup)
+
+
+# The op Inductor's generated code calls for ``onednn_linear`` (fastchgnet.compile.lowering): a
+# plain dispatcher op, about 2 us a call above ``mm`` where the custom op's Python layers cost
+# 11 us, which picks the library by the row count of each call (no guard, no recompilation).
+# Only ever called after autograd has been traced, so it has no derivative.
+#: fewest rows for which a compiled graph's product goes to oneDNN (see fastchgnet.compile.lowering)
+GRAPH_MIN_ROWS = 4096
+
+_LIB = torch.library.Library("fastchgnet", "FRAGMENT")
+_LIB.define("cpu_linear(Tensor x, Tensor weight) -> Tensor")
+
+
+def _cpu_linear(x: Tensor, weight: Tensor) -> Tensor:
+    # rows with unit stride (a column slice of a wider tensor is fine); the small weight is
+    # copied when Inductor passes it transposed
+    if x.shape[0] >= GRAPH_MIN_ROWS and x.stride(1) == 1 and x.dtype == torch.float32:
+        return _onednn(x, weight.contiguous(), None)
+    return torch.mm(x, weight.t())
+
+
+def _cpu_linear_meta(x: Tensor, weight: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+_LIB.impl("cpu_linear", _cpu_linear, "CPU")
+_LIB.impl("cpu_linear", _cpu_linear_meta, "Meta")
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

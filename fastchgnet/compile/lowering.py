@@ -1,0 +1,70 @@
+"""How Inductor compiles our CPU matrix product (``fastchgnet::onednn_linear``, see
+:mod:`fastchgnet.nn.linear`).
+
+Without a lowering of its own, Inductor calls the ``torch.library`` op as it is: every call goes
+through the op's Python layers (about 11 µs a call on the 2-core AMD EPYC Zen 4 VM; a 64-atom MD
+step makes about 100) and always to oneDNN, whose per-call set-up costs more than MKL's for small
+products. :func:`register_gemm_lowering` lowers it to ``fastchgnet::cpu_linear``, a plain
+dispatcher op (about 2 µs above ``mm``) that chooses by the row count of each call: oneDNN from
+:data:`~fastchgnet.nn.linear.GRAPH_MIN_ROWS` rows, MKL's ``mm`` below. The choice is made at run
+time, so it adds no guard (no recompilation when sizes change) and a cached compiled graph serves
+every size. Measured there: compiled MD steps of Si, 1 thread, the variants interleaved in one
+process (``GRAPH_MIN_ROWS`` is read at each call), medians of 30 (64 atoms) and 10 (512 atoms)
+rounds of 5 steps:
+
+=========  ==================  =====================  =====================  =================
+cell       custom op (before)  by rows, >= 4096 rows  by rows, every row     every product
+           (all oneDNN)        to oneDNN (default)    to oneDNN              in MKL
+=========  ==================  =====================  =====================  =================
+64 atoms   33.3 ms             30.1 ms                31.9 ms                30.3 ms
+512 atoms  214 ms              206 ms                 215 ms                 213 ms
+=========  ==================  =====================  =====================  =================
+
+(On the Zen 5 VM of earlier sessions oneDNN made the 512-atom step 1.25x faster: 135 vs 169 ms;
+its products have 6k-23k rows.) The lowering is registered for our op only, once, when
+:func:`~fastchgnet.compile.compile_callable` first runs with Inductor; where this torch's
+Inductor lacks a piece it needs, nothing is registered and the op is called as before.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+__all__ = ["register_gemm_lowering"]
+
+log = logging.getLogger("fastchgnet")
+
+_registered: bool | None = None  # None: not tried yet
+
+
+def register_gemm_lowering() -> bool:
+    """Register the Inductor lowering of ``fastchgnet::onednn_linear`` (see the module
+    docstring); returns whether it is registered. Idempotent."""
+    global _registered
+    if _registered is not None:
+        return _registered
+    _registered = False
+    ops = getattr(torch.ops, "fastchgnet", None)
+    if ops is None or not hasattr(ops, "onednn_linear") or not hasattr(ops, "cpu_linear"):
+        return False
+    try:
+        from torch._inductor.lowering import fallback_handler, lowerings, register_lowering
+    except Exception as exc:  # an Inductor without these pieces: the op is called as it is
+        log.debug("no Inductor lowering for fastchgnet::onednn_linear: %s", exc)
+        return False
+    target = ops.onednn_linear.default
+    if getattr(lowerings.get(target), "_fastchgnet", False):  # an earlier import of this module
+        _registered = True
+        return True
+    # else: none yet, or the plain call Inductor registers for a custom op it met first (replaced)
+    call = fallback_handler(ops.cpu_linear.default, add_to_fallback_set=False)
+
+    def _onednn_linear(x, weight):  # type: ignore[no-untyped-def]
+        return call(x, weight)
+
+    _onednn_linear._fastchgnet = True  # type: ignore[attr-defined]  (copied by functools.wraps)
+    register_lowering(target, type_promotion_kind=None)(_onednn_linear)
+    _registered = True
+    return True
