@@ -240,10 +240,13 @@ def test_wait_policy_default_only_when_unset():
 
 def test_malloc_default_only_on_glibc_and_when_no_allocator_is_chosen():
     mine = {"OMP_WAIT_POLICY": "ACTIVE"}
-    assert launch.env_defaults(mine, glibc=True) == launch.MALLOC_DEFAULTS
+    assert launch.env_defaults(mine, glibc=True) == {**launch.MALLOC_DEFAULTS, **launch.THP_DEFAULT}
     for chosen in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_TRIM_THRESHOLD_",
                    "MALLOC_MMAP_THRESHOLD_"):
-        assert launch.env_defaults({**mine, chosen: "x"}, glibc=True) == {}, chosen
+        assert launch.env_defaults({**mine, chosen: "x"}, glibc=True) == launch.THP_DEFAULT, chosen
+    # huge pages: the user's setting (any value) is kept, the allocator settings still added
+    assert launch.env_defaults({**mine, "THP_MEM_ALLOC_ENABLE": "0"}, glibc=True) \
+        == launch.MALLOC_DEFAULTS
     # a relaunch for the allocator alone, when the wait policy is the user's
     if os.name == "posix" and launch._glibc():
         assert launch.relaunch(["md"], {"PATH": "", **mine}, execute=False) is not None
@@ -273,8 +276,8 @@ def test_relaunch_conditions(monkeypatch):
     if os.name == "posix":
         cmd = launch.relaunch(["md", "x.cif"], dict(env), execute=False)
         assert cmd is not None and cmd[0] == sys.executable
-    assert launch.relaunch(["md"], {**env, "OMP_WAIT_POLICY": "ACTIVE", "GLIBC_TUNABLES": ""},
-                           execute=False) is None
+    assert launch.relaunch(["md"], {**env, "OMP_WAIT_POLICY": "ACTIVE", "GLIBC_TUNABLES": "",
+                                    "THP_MEM_ALLOC_ENABLE": "0"}, execute=False) is None
     assert launch.relaunch(["--help"], dict(env), execute=False) is None
     assert launch.relaunch([], dict(env), execute=False) is None
     assert launch.relaunch(["md"], {**env, "FASTCHGNET_NO_RELAUNCH": "1"}, execute=False) is None
@@ -322,7 +325,8 @@ def test_relaunch_sets_the_wait_policy_before_torch_loads():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300, check=True).stdout
     assert "POLICY PASSIVE" in out and "OMP_WAIT_POLICY" in out.split()[-1]
-    mine = {**env, "OMP_WAIT_POLICY": "ACTIVE", "GLIBC_TUNABLES": ""}  # allocator chosen too
+    mine = {**env, "OMP_WAIT_POLICY": "ACTIVE", "GLIBC_TUNABLES": "",  # allocator chosen too
+            "THP_MEM_ALLOC_ENABLE": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=mine,
                          capture_output=True, text=True, timeout=300, check=True).stdout
     assert "POLICY ACTIVE None" in out
