@@ -66,9 +66,11 @@ def _glibc() -> bool:
 def env_defaults(environ: Mapping[str, str], glibc: bool | None = None) -> dict[str, str]:
     """The environment variables the command adds: only those the user has not set."""
     add = {} if "OMP_WAIT_POLICY" in environ else {"OMP_WAIT_POLICY": WAIT_POLICY_DEFAULT}
-    if (_glibc() if glibc is None else glibc) and not any(k in environ for k in _ALLOCATOR_CHOSEN):
+    if not (_glibc() if glibc is None else glibc):
+        return add
+    if not any(k in environ for k in _ALLOCATOR_CHOSEN):
         add.update(MALLOC_DEFAULTS)
-    if (_glibc() if glibc is None else glibc) and not any(k in environ for k in THP_DEFAULT):
+    if not any(k in environ for k in THP_DEFAULT):
         add.update(THP_DEFAULT)
     return add
 

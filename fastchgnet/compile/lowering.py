@@ -24,6 +24,8 @@ cell       custom op (before)  by rows, >= 4096 rows  by rows, every row     eve
 its products have 6k-23k rows.) The lowering is registered for our op only, once, when
 :func:`~fastchgnet.compile.compile_callable` first runs with Inductor; where this torch's
 Inductor lacks a piece it needs, nothing is registered and the op is called as before.
+Inductor's on-disk cache does not key on lowerings: a graph it compiled before this lowering
+existed keeps calling the op as before (the same values) until that cache is cleared.
 """
 
 from __future__ import annotations
