@@ -61,12 +61,16 @@ def register_gemm_lowering() -> bool:
         _registered = True
         return True
     # else: none yet, or the plain call Inductor registers for a custom op it met first (replaced)
-    call = fallback_handler(ops.cpu_linear.default, add_to_fallback_set=False)
+    try:
+        call = fallback_handler(ops.cpu_linear.default, add_to_fallback_set=False)
 
-    def _onednn_linear(x, weight):  # type: ignore[no-untyped-def]
-        return call(x, weight)
+        def _onednn_linear(x, weight):  # type: ignore[no-untyped-def]
+            return call(x, weight)
 
-    _onednn_linear._fastchgnet = True  # type: ignore[attr-defined]  (copied by functools.wraps)
-    register_lowering(target, type_promotion_kind=None)(_onednn_linear)
+        _onednn_linear._fastchgnet = True  # type: ignore[attr-defined]  (copied by functools.wraps)
+        register_lowering(target, type_promotion_kind=None)(_onednn_linear)
+    except Exception as exc:  # another Inductor's signatures: the op is called as it is
+        log.debug("no Inductor lowering for fastchgnet::onednn_linear: %s", exc)
+        return False
     _registered = True
     return True
