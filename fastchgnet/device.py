@@ -1,13 +1,15 @@
-"""Choosing the device a job runs on, and the CPU floating-point mode of our own calls."""
+"""Choosing the device a job runs on, the CPU floating-point mode of our own calls, and what the
+host processor is."""
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 
-__all__ = ["flush_denormals", "flushing_denormals", "resolve_device"]
+__all__ = ["cpu_info", "flush_denormals", "flushing_denormals", "resolve_device"]
 
 
 def resolve_device(device: str | torch.device | None) -> str:
@@ -45,3 +47,22 @@ def flush_denormals(device: str | torch.device | None = "cpu") -> Iterator[None]
         yield
     finally:
         torch.set_flush_denormal(False)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> dict[str, str]:
+    """The first processor's ``vendor_id``, ``cpu family``, ``model`` and ``model name`` from
+    /proc/cpuinfo (the keys found; empty where there is no such file). Read once per process."""
+    wanted = ("vendor_id", "cpu family", "model", "model name")
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if not line.strip():
+                    break  # the end of the first processor's block
+                key = line.split(":", 1)[0].strip()
+                if key in wanted and key not in found:
+                    found[key] = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return found

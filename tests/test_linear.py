@@ -17,6 +17,30 @@ from fastchgnet.nn.linear import MIN_ROWS, input_gradients_only, linear, use_one
 needs_onednn = pytest.mark.skipif(not lin._ONEDNN, reason="torch without oneDNN")
 
 
+@pytest.fixture(autouse=True)
+def _onednn_on(monkeypatch):
+    """The oneDNN path on whatever processor runs the tests (on most it is off by default)."""
+    monkeypatch.setenv("FASTCHGNET_CPU_GEMM", "onednn")
+
+
+@pytest.mark.parametrize("info, expect", [
+    ({"vendor_id": "AuthenticAMD", "cpu family": "26", "model": "2"}, True),  # Zen 5
+    ({"vendor_id": "AuthenticAMD", "cpu family": "25", "model": "17"}, False),  # Zen 4
+    ({"vendor_id": "AuthenticAMD", "cpu family": "25", "model": "1"}, False),  # Zen 3
+    ({"vendor_id": "GenuineIntel", "cpu family": "6", "model": "143"}, False),
+    ({}, False),  # no /proc/cpuinfo
+])
+def test_onednn_preferred_by_processor_and_switch(monkeypatch, info, expect):
+    assert lin._prefers_onednn(info) is expect
+    monkeypatch.setattr(lin, "_HOST_PREFERS_ONEDNN", expect)
+    monkeypatch.delenv("FASTCHGNET_CPU_GEMM")
+    assert lin.onednn_preferred() is expect
+    assert lin.use_onednn(torch.zeros(4096, 8)) is (expect and lin._ONEDNN)
+    for value, want in (("aten", False), ("onednn", True), ("auto", expect), ("", expect)):
+        monkeypatch.setenv("FASTCHGNET_CPU_GEMM", value)
+        assert lin.onednn_preferred() is want, value
+
+
 def _inputs(n=MIN_ROWS + 37, k=24, m=40, seed=0, contiguous=True):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 2 * k if not contiguous else k, generator=g)
@@ -103,7 +127,7 @@ def test_compiled_graph_calls_the_onednn_op():
 @needs_onednn
 def test_inductor_calls_the_row_dispatching_op():
     """Compiled by Inductor, the op becomes ``fastchgnet::cpu_linear`` (no custom-op Python
-    layers), which takes MKL's mm below GRAPH_MIN_ROWS rows and oneDNN from there on, chosen at
+    layers), which takes MKL's mm below MIN_ROWS rows and oneDNN from there on, chosen at
     each call: both sizes run the same compiled code and equal F.linear."""
     from torch._inductor.utils import run_and_get_code
 
@@ -121,7 +145,7 @@ def test_inductor_calls_the_row_dispatching_op():
     text = "\n".join(code)
     assert "torch.ops.fastchgnet.cpu_linear" in text
     assert "torch.ops.fastchgnet.onednn_linear.default(" not in text
-    big = torch.randn(lin.GRAPH_MIN_ROWS + 5, 8)
+    big = torch.randn(MIN_ROWS + 5, 8)
     torch.testing.assert_close(fn(big, w), F.linear(big, w) * 2.0, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
 
@@ -130,10 +154,10 @@ def test_row_dispatching_op_picks_by_rows(monkeypatch):
     calls = []
     monkeypatch.setattr(lin, "_onednn", lambda x, w, b: calls.append(x.shape[0]) or F.linear(x, w))
     w = torch.randn(16, 8)
-    for rows in (7, lin.GRAPH_MIN_ROWS):
+    for rows in (7, MIN_ROWS):
         x = torch.randn(rows, 8)
         torch.testing.assert_close(torch.ops.fastchgnet.cpu_linear(x, w), F.linear(x, w))
-    assert calls == [lin.GRAPH_MIN_ROWS]
+    assert calls == [MIN_ROWS]
 
 
 # ---- the angles' rows (Batch.angle_rows) ----------------------------------------------------

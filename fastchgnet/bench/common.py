@@ -32,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import fastchgnet
 from fastchgnet.data.prototypes import make, random_structures
-from fastchgnet.device import resolve_device
+from fastchgnet.device import cpu_info, resolve_device
 from fastchgnet.tables import fmt_or_na, text_table  # noqa: F401 (part of the harness API)
 
 __all__ = [
@@ -123,31 +123,16 @@ def bench_structures(n_batch: int = 16) -> BenchStructures:
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_info().get("model name") or platform.processor() or platform.machine()
 
 
 def _cpu_model() -> str | None:
     """``family F model M`` from /proc/cpuinfo: a VM's "AMD EPYC" can be several generations
-    (on the development VMs, family 25 model 1 is Zen 3 with AVX2, family 26 is Zen 5 with
-    AVX-512), whose timings and ratios differ."""
-    found: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key = line.split(":", 1)[0].strip()
-                if key in ("cpu family", "model") and key not in found:
-                    found[key] = line.split(":", 1)[1].strip()
-                if len(found) == 2:
-                    return f"family {found['cpu family']} model {found['model']}"
-    except OSError:
-        pass
+    (on the development VMs, family 25 model 1 is Zen 3 with AVX2, family 25 model 17 Zen 4 and
+    family 26 Zen 5, both with AVX-512), whose timings and ratios differ."""
+    info = cpu_info()
+    if "cpu family" in info and "model" in info:
+        return f"family {info['cpu family']} model {info['model']}"
     return None
 
 

@@ -6,23 +6,26 @@ through the op's Python layers (about 11 µs a call on the 2-core AMD EPYC Zen 4
 step makes about 100) and always to oneDNN, whose per-call set-up costs more than MKL's for small
 products. :func:`register_gemm_lowering` lowers it to ``fastchgnet::cpu_linear``, a plain
 dispatcher op (about 2 µs above ``mm``) that chooses by the row count of each call: oneDNN from
-:data:`~fastchgnet.nn.linear.GRAPH_MIN_ROWS` rows, MKL's ``mm`` below. The choice is made at run
-time, so it adds no guard (no recompilation when sizes change) and a cached compiled graph serves
-every size. Measured there: compiled MD steps of Si, 1 thread, the variants interleaved in one
-process (``GRAPH_MIN_ROWS`` is read at each call), medians of 30 (64 atoms) and 10 (512 atoms)
-rounds of 5 steps:
+:data:`~fastchgnet.nn.linear.MIN_ROWS` rows (the eager threshold, measured on the Zen 5 VM), MKL's
+``mm`` below. The choice is made at run time, so it adds no guard (no recompilation when sizes
+change) and a cached compiled graph serves every size. The op is only in graphs traced where
+oneDNN is preferred (:func:`~fastchgnet.nn.linear.onednn_preferred`: AMD Zen 5 and later, or
+``FASTCHGNET_CPU_GEMM=onednn``). Measured on the Zen 4 VM with oneDNN forced: compiled MD steps
+of Si, 1 thread, the variants interleaved in one process (the threshold is read at each call),
+medians of 30 (64 atoms) and 10 (512 atoms) rounds of 5 steps:
 
-=========  ==================  =====================  =====================  =================
-cell       custom op (before)  by rows, >= 4096 rows  by rows, every row     every product
-           (all oneDNN)        to oneDNN (default)    to oneDNN              in MKL
-=========  ==================  =====================  =====================  =================
-64 atoms   33.3 ms             30.1 ms                31.9 ms                30.3 ms
-512 atoms  214 ms              206 ms                 215 ms                 213 ms
-=========  ==================  =====================  =====================  =================
+=========  ==================  ================  ================  ================  ===========
+cell       custom op (before)  >= 4096 rows to   >= 1024 rows to   every row to      every
+           (all oneDNN)        oneDNN            oneDNN            oneDNN            product MKL
+=========  ==================  ================  ================  ================  ===========
+64 atoms   33.3 ms             30.1 ms           31.4 ms           31.9 ms           30.3 ms
+512 atoms  214 ms              206 ms            214 ms            215 ms            213 ms
+=========  ==================  ================  ================  ================  ===========
 
-(On the Zen 5 VM of earlier sessions oneDNN made the 512-atom step 1.25x faster: 135 vs 169 ms;
-its products have 6k-23k rows.) The lowering is registered for our op only, once, when
-:func:`~fastchgnet.compile.compile_callable` first runs with Inductor; where this torch's
+On that CPU oneDNN gains nothing (so it is not used there by default); on the Zen 5 VM of earlier
+sessions it made the compiled 512-atom step 1.25x faster (135 vs 169 ms) and the 64-atom step
+1.06x (19.3 vs 20.4 ms), hence the low threshold. The lowering is registered for our op only,
+once, when :func:`~fastchgnet.compile.compile_callable` first runs; where this torch's
 Inductor lacks a piece it needs, nothing is registered and the op is called as before.
 Inductor's on-disk cache does not key on lowerings: a graph it compiled before this lowering
 existed keeps calling the op as before (the same values) until that cache is cleared.

@@ -1,17 +1,22 @@
 """The model's one linear map, ``x @ weight.T + bias``, with a faster CPU matrix product.
 
-On the CPU torch's ``addmm`` calls MKL, which on AMD processors runs a code path that uses half
-the vector width: on the 2-core AMD EPYC (Zen 5, AVX-512) development machine a float32
-``(23552, 64) @ (64, 64)`` product took 1.9 ms with MKL and 0.92 ms with oneDNN (which torch
-also ships, as ``torch.ops.mkldnn._linear_pointwise``), with identical results on the shapes
-measured; on Intel processors the two are on par. :func:`linear` sends the large products of a
+On the CPU torch's ``addmm`` calls MKL, which on AMD processors runs its AVX2 code path: on the
+2-core AMD EPYC Zen 5 VM (full-width AVX-512) a float32 ``(23552, 64) @ (64, 64)`` product took
+1.9 ms with MKL and 0.92 ms with oneDNN (which torch also ships, as
+``torch.ops.mkldnn._linear_pointwise``), with identical results on the shapes measured. On a Zen 4
+VM (AVX-512 on 256-bit units) oneDNN was only 5-10 % faster from 2k rows and slower below 1k,
+and the whole MD and training steps were as fast or faster with MKL alone (eager 64-atom MD step
+34.5 against 39.6 ms, 512 atoms 243.5 against 245.6 ms, training step at batch 8 664 against 682
+ms); on Intel processors MKL uses AVX-512 itself. So oneDNN is used only where it pays,
+:func:`onednn_preferred`: AMD processors of family 26 (Zen 5) or later, unless
+``FASTCHGNET_CPU_GEMM`` says otherwise. There :func:`linear` sends the large products of a
 float32 CPU call to oneDNN and everything else to ``addmm``:
 
 * oneDNN only where it is available, for float32 (it has no float64 kernel), and in eager
   calls for at least :data:`MIN_ROWS` rows (below that its per-call set-up costs more than it
   saves). While ``torch.compile`` traces, every float32 CPU product goes to the op
   ``fastchgnet::onednn_linear`` (a size test would add a guard), which Inductor lowers to
-  ``fastchgnet::cpu_linear``: oneDNN from :data:`GRAPH_MIN_ROWS` rows, MKL below, chosen at each
+  ``fastchgnet::cpu_linear``: oneDNN from :data:`MIN_ROWS` rows, MKL below, chosen at each
   call (:mod:`fastchgnet.compile.lowering`). On the Zen 5 VM the 512-atom MD step took 135 ms
   compiled with oneDNN products against 169 ms with MKL's. ``torch.export`` gets ``F.linear`` (a
   saved program must run without fastchgnet);
@@ -21,7 +26,8 @@ float32 CPU call to oneDNN and everything else to ``addmm``:
 * a custom autograd function cannot see which gradients the engine will use: inside
   :func:`input_gradients_only` (forces and stress are ``autograd.grad`` with respect to the bond
   vectors alone) it skips the weight and bias gradients, which that call would throw away;
-* ``FASTCHGNET_CPU_GEMM=aten`` (read at every call) turns the oneDNN path off.
+* ``FASTCHGNET_CPU_GEMM`` (read at every call): ``aten`` turns the oneDNN path off, ``onednn``
+  turns it on whatever the processor; unset (or ``auto``), :func:`onednn_preferred` decides.
 
 The choice depends only on the device, dtype and row count of the call (a Python int: no host
 synchronisation). Results differ from ``addmm``'s by float32 rounding (summation order).
@@ -38,7 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GRAPH_MIN_ROWS", "MIN_ROWS", "input_gradients_only", "linear", "plain_products", "use_onednn"]
+from fastchgnet.device import cpu_info
+
+__all__ = ["MIN_ROWS", "input_gradients_only", "linear", "onednn_preferred", "plain_products", "use_onednn"]
 
 #: fewest rows for which the oneDNN product is used (crossover measured at 200-1000 rows, 64 wide)
 MIN_ROWS = 256
@@ -91,13 +99,40 @@ def plain_products() -> Iterator[None]:
         yield
 
 
+#: the first processor family of AMD's whose products are faster with oneDNN (Zen 5)
+ONEDNN_AMD_FAMILY = 26
+
+
+def _prefers_onednn(info: dict[str, str]) -> bool:
+    """Whether a processor (:func:`fastchgnet.device.cpu_info`) is one of those where oneDNN pays."""
+    try:
+        family = int(info.get("cpu family", ""))
+    except ValueError:
+        return False
+    return info.get("vendor_id") == "AuthenticAMD" and family >= ONEDNN_AMD_FAMILY
+
+
+# read once, here (a file read, no state changed): a constant while Dynamo traces
+_HOST_PREFERS_ONEDNN = _prefers_onednn(cpu_info())
+
+
+def onednn_preferred() -> bool:
+    """Whether this host's float32 CPU products go to oneDNN (see the module docstring):
+    ``FASTCHGNET_CPU_GEMM=aten`` no, ``=onednn`` yes, else AMD processors of family
+    :data:`ONEDNN_AMD_FAMILY` or later."""
+    choice = os.environ.get("FASTCHGNET_CPU_GEMM", "").strip().lower()
+    if choice in ("aten", "onednn"):
+        return choice == "onednn"
+    return _HOST_PREFERS_ONEDNN
+
+
 def use_onednn(x: Tensor) -> bool:
     """Whether :func:`linear` sends this input to oneDNN (see the module docstring)."""
     if not (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2):
         return False
     if _STATE.plain:
         return False
-    if os.environ.get("FASTCHGNET_CPU_GEMM", "") == "aten":
+    if not onednn_preferred():
         return False
     if _exporting():  # an exported program must run without fastchgnet's op
         return False
@@ -182,11 +217,9 @@ onednn_linear.register_autograd(_op_backward, setup_context=_op_setup)
 
 # The op Inductor's generated code calls for ``onednn_linear`` (fastchgnet.compile.lowering): a
 # plain dispatcher op, about 2 us a call above ``mm`` where the custom op's Python layers cost
-# 11 us, which picks the library by the row count of each call (no guard, no recompilation).
-# Only ever called after autograd has been traced, so it has no derivative.
-#: fewest rows for which a compiled graph's product goes to oneDNN (see fastchgnet.compile.lowering)
-GRAPH_MIN_ROWS = 4096
-
+# 11 us, which picks the library by the row count of each call, with the eager threshold
+# (no guard, no recompilation). Only ever called after autograd has been traced, so it has no
+# derivative.
 _LIB = torch.library.Library("fastchgnet", "FRAGMENT")
 _LIB.define("cpu_linear(Tensor x, Tensor weight) -> Tensor")
 
@@ -194,7 +227,7 @@ _LIB.define("cpu_linear(Tensor x, Tensor weight) -> Tensor")
 def _cpu_linear(x: Tensor, weight: Tensor) -> Tensor:
     # rows with unit stride (a column slice of a wider tensor is fine); the small weight is
     # copied when Inductor passes it transposed
-    if x.shape[0] >= GRAPH_MIN_ROWS and x.stride(1) == 1 and x.dtype == torch.float32:
+    if x.shape[0] >= MIN_ROWS and x.stride(1) == 1 and x.dtype == torch.float32:
         return _onednn(x, weight.contiguous(), None)
     return torch.mm(x, weight.t())
 
