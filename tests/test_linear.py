@@ -160,6 +160,82 @@ def test_row_dispatching_op_picks_by_rows(monkeypatch):
     assert calls == [MIN_ROWS]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_training_graph_product_equals_mm(monkeypatch, dtype):
+    """``fastchgnet::cpu_mm`` (Inductor's product in compiled training graphs): ``a @ b`` for a
+    tall product, both weight-gradient orientations, a small product and float64, always
+    contiguous; oneDNN only for float32 with many rows or a reduction over many rows."""
+    calls = []
+    real = lin._onednn
+    monkeypatch.setattr(lin, "_onednn", lambda x, w, b: calls.append(tuple(x.shape)) or real(x, w, b))
+    n = MIN_ROWS + 9
+    x, g, w = (torch.randn(n, 8, dtype=dtype), torch.randn(n, 12, dtype=dtype),
+               torch.randn(12, 8, dtype=dtype))
+    cases = [(x, w.t()), (g, w), (g.t(), x), (x.t(), g), (x[:7], w.t())]
+    for a, b in cases:
+        out = torch.ops.fastchgnet.cpu_mm(a, b)
+        assert out.is_contiguous() and out.shape == (a.shape[0], b.shape[1])
+        torch.testing.assert_close(out, a @ b, rtol=1e-5, atol=1e-4)
+    # oneDNN's input: the tall operand, or the narrower side of a weight gradient
+    assert calls == ([(n, 8), (n, 12), (8, n), (8, n)] if dtype == torch.float32 else [])
+
+
+@needs_onednn
+def test_compiled_training_products_take_the_row_dispatching_op(monkeypatch):
+    """Where oneDNN is preferred, Inductor's post-grad pass turns the ``mm``/``addmm`` of a
+    compiled second-order training forward (plain products under ``torch.func``) and of its
+    backward into ``fastchgnet::cpu_mm``; values and parameter gradients equal eager ones."""
+    from fastchgnet.compile import lowering
+    from fastchgnet.compile.settings import compile_callable
+
+    rewrites = []
+    real = lowering.rewrite_products
+    monkeypatch.setattr(lowering, "rewrite_products", lambda g: rewrites.append(real(g)) or rewrites[-1])
+    torch.manual_seed(0)
+    w1, b1, w2 = torch.randn(16, 3), torch.randn(16), torch.randn(1, 16)
+    params = [p.requires_grad_() for p in (w1, b1, w2)]
+
+    def forward(pos):
+        def energy(v):
+            return F.linear(torch.tanh(F.linear(v, w1, b1)), w2).sum()
+
+        with lin.plain_products():
+            e, grad = torch.func.grad_and_value(energy)(pos)[::-1]
+        return e, -grad
+
+    pos = torch.randn(MIN_ROWS + 40, 3)
+    torch._dynamo.reset()
+    fn = compile_callable(forward)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        results = []
+        for f in (fn, forward):
+            e, force = f(pos)
+            loss = e + (force ** 2).sum()
+            results.append((e, force, torch.autograd.grad(loss, params)))
+    torch._dynamo.reset()
+    (e, force, grads), (e0, force0, grads0) = results
+    torch.testing.assert_close(e, e0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(force, force0, rtol=1e-4, atol=1e-5)
+    for g, g0 in zip(grads, grads0):
+        torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-3)
+    assert len(rewrites) >= 2 and all(n > 0 for n in rewrites[:2])  # forward and backward graphs
+
+
+def test_training_products_stay_mm_where_onednn_is_not_preferred(monkeypatch):
+    from fastchgnet.compile.settings import compile_callable
+    from fastchgnet.compile import lowering
+
+    monkeypatch.setenv("FASTCHGNET_CPU_GEMM", "aten")
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    compile_callable(lambda x: x)
+    assert "post_grad_custom_post_pass" not in (seen[0]["options"] or {})
+    monkeypatch.setenv("FASTCHGNET_CPU_GEMM", "onednn")
+    compile_callable(lambda x: x)
+    if lowering.gemm_pass() is not None:
+        assert seen[1]["options"]["post_grad_custom_post_pass"] is lowering.gemm_pass()
+
+
 # ---- the angles' rows (Batch.angle_rows) ----------------------------------------------------
 
 def _batch(dtype=torch.float64):

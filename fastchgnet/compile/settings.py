@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from torch.fx.experimental import _config as fx_config
 
-from fastchgnet.compile.lowering import register_gemm_lowering
+from fastchgnet.compile.lowering import gemm_pass, register_gemm_lowering
+from fastchgnet.nn.linear import onednn_preferred
 
 __all__ = ["CompileCounter", "check_first_order", "compile_callable"]
 
@@ -90,6 +91,10 @@ def compile_callable(fn: Callable, *, backend: str | Callable = "inductor", dyna
     (:func:`~fastchgnet.compile.lowering.register_gemm_lowering`)."""
     if not isinstance(backend, str) or backend == "inductor":  # (a callable may wrap Inductor)
         register_gemm_lowering()
+    if backend == "inductor" and onednn_preferred() and mode is None:
+        products = gemm_pass()
+        if products is not None and "post_grad_custom_post_pass" not in (options or {}):
+            options = {**(options or {}), "post_grad_custom_post_pass": products}
     return _Scoped(torch.compile(fn, backend=backend, dynamic=dynamic, fullgraph=fullgraph,
                                  mode=mode, options=options))
 

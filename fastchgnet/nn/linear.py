@@ -239,6 +239,35 @@ def _cpu_linear_meta(x: Tensor, weight: Tensor) -> Tensor:
 _LIB.impl("cpu_linear", _cpu_linear, "CPU")
 _LIB.impl("cpu_linear", _cpu_linear_meta, "Meta")
 
+# ``a @ b`` as Inductor's code calls it in place of ``aten.mm`` in the graphs of a compiled training
+# step (:mod:`fastchgnet.compile.lowering`; ``torch.func`` traces plain products there): oneDNN for
+# a product of many rows (a forward or input-gradient product) and for a reduction over many rows
+# (a weight gradient ``grad.T @ x``, on the transposed view), ``mm`` otherwise. Always returns a
+# contiguous result, as its Meta function says.
+_LIB.define("cpu_mm(Tensor a, Tensor b) -> Tensor")
+
+
+def _cpu_mm(a: Tensor, b: Tensor) -> Tensor:
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        m, k = a.shape
+        if m >= MIN_ROWS and a.stride(1) == 1:  # rows x (small) weight
+            return _onednn(a, b.t().contiguous(), None)
+        if k >= MIN_ROWS and a.stride(0) == 1 and b.stride(1) == 1 and m < MIN_ROWS:
+            # (out, rows) @ (rows, in): a weight gradient, both operands views of row-major
+            # tensors; the narrower one as oneDNN's input (as in _weight_grad)
+            if b.shape[1] <= m:
+                return _onednn(b.t(), a, None).t().contiguous()
+            return _onednn(a, b.t(), None)
+    return torch.mm(a, b)
+
+
+def _cpu_mm_meta(a: Tensor, b: Tensor) -> Tensor:
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+_LIB.impl("cpu_mm", _cpu_mm, "CPU")
+_LIB.impl("cpu_mm", _cpu_mm_meta, "Meta")
+
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x @ weight.T + bias`` for ``x`` (n, in), ``weight`` (out, in), ``bias`` (out,) or None."""
