@@ -95,3 +95,112 @@ def test_trainer_reruns_a_failing_compiled_step_eagerly(tmp_path):
     pa, pb = _params(Path(a.out)), _params(Path(b.out))
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=0, msg=k)
+
+
+# ---- what an earlier compilation cost (fastchgnet.compile.memory) ----------------------------
+
+@pytest.fixture
+def inductor_dir(tmp_path, monkeypatch):
+    """Inductor's cache folder in tmp_path, and a controllable count of its cache misses."""
+    from fastchgnet.compile import memory
+    from fastchgnet.compile import train as ctrain
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    misses = [0]
+    monkeypatch.setattr(memory, "cache_misses", lambda: misses[0])
+    monkeypatch.setattr(ctrain, "compiler_available", lambda device: (True, ""))
+    monkeypatch.setattr(ctrain, "compile_callable", lambda fn, **kw: lambda b, **k: ("compiled", b))
+    return tmp_path / "inductor", misses
+
+
+def test_memory_round_trip_beside_inductors_cache(inductor_dir, monkeypatch):
+    from fastchgnet.compile import memory
+
+    folder, _ = inductor_dir
+    assert memory.recall("k") is None and not folder.exists()  # reading creates nothing
+    memory.remember("k", 100.0, 1.6, from_cache=False)
+    assert (folder / memory.FILE).is_file()
+    entry = memory.recall("k")
+    assert entry["compile_s"] == 100.0 and entry["speedup"] == 1.6
+    assert memory.expected_cost(entry) == pytest.approx(100.0 * memory.COLD_TO_WARM)
+    memory.remember("k", 6.0, 1.6, from_cache=True)
+    assert memory.expected_cost(memory.recall("k")) == 6.0
+    memory.remember("k", 90.0, 1.6, from_cache=False, expected_cached=True)
+    assert memory.expected_cost(memory.recall("k")) is None  # the cache did not keep it
+    (folder / memory.FILE).write_text("{not json")
+    assert memory.recall("k") is None
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        assert memory.record_path() is None and memory.recall("k") is None
+
+
+def test_step_key_tells_models_dtypes_and_tasks_apart():
+    from fastchgnet import CHGNet
+    from fastchgnet.compile.memory import step_key
+
+    small = dict(atom_fea_dim=8, bond_fea_dim=8, angle_fea_dim=8, n_conv=2)
+    a, b = CHGNet(**small), CHGNet(**small)
+    assert step_key(a) == step_key(b)
+    assert step_key(a) != step_key(a, task="ef") != step_key(a.double())
+    assert step_key(b) != step_key(CHGNet(**{**small, "n_conv": 3}))
+
+
+def _auto(key="step"):
+    logs: list[str] = []
+    fwd = TrainForward(lambda b, **kw: ("eager", b), "auto", device=torch.device("cpu"),
+                       can_auto=True, compile_after_s=1000.0, log=logs.append, memory_key=key)
+    return fwd, logs
+
+
+def test_auto_compiles_early_where_this_step_compiled_before(inductor_dir):
+    from fastchgnet.compile import memory
+    from fastchgnet.compile.train import RECALL_AFTER_STEPS
+
+    _, misses = inductor_dir
+    fwd, _ = _auto()
+    for _ in range(10):  # no record: under the budget, eager
+        fwd.step_done(1.0, 100, compiled=False, remaining_steps=100)
+    assert not fwd.compiled
+    memory.remember("step", 60.0, 2.0, from_cache=False)  # a first compilation filled the cache
+    fwd, logs = _auto()
+    for i in range(RECALL_AFTER_STEPS):
+        assert not fwd.compiled
+        fwd.step_done(1.0, 100, compiled=False, remaining_steps=75)
+    # 75 s left at 2x: saves 37 s >= 1.5 x 6 s expected from the cache
+    assert fwd.compiled and any("compiled here before" in m for m in logs), logs
+    fwd.step_done(5.0, 100, compiled=True)  # loaded from the cache: no miss
+    for _ in range(TRIAL_STEPS):
+        fwd.step_done(0.5, 100, compiled=True)
+    entry = memory.recall("step")
+    assert entry["from_cache"] and entry["compile_s"] == 5.0 and entry["speedup"] == 2.0
+    # too little left for the expected cost: eager
+    fwd, _ = _auto()
+    for _ in range(RECALL_AFTER_STEPS):
+        fwd.step_done(1.0, 100, compiled=False, remaining_steps=10)
+    assert not fwd.compiled
+    # a compilation expected from the cache that compiled from scratch is not counted on again
+    fwd, _ = _auto()
+    for _ in range(RECALL_AFTER_STEPS):
+        fwd.step_done(1.0, 100, compiled=False, remaining_steps=75)
+    assert fwd.compiled
+    misses[0] += 2
+    fwd.step_done(90.0, 100, compiled=True)
+    for _ in range(TRIAL_STEPS):
+        fwd.step_done(0.5, 100, compiled=True)
+    assert memory.expected_cost(memory.recall("step")) is None
+    fwd, _ = _auto()
+    for _ in range(RECALL_AFTER_STEPS + 2):
+        fwd.step_done(1.0, 100, compiled=False, remaining_steps=75)
+    assert not fwd.compiled
+
+
+def test_compile_at_the_first_step_is_remembered(inductor_dir):
+    from fastchgnet.compile import memory
+
+    _, misses = inductor_dir
+    fwd = TrainForward(lambda b, **kw: b, "inductor", device=torch.device("cpu"), can_auto=True,
+                       memory_key="first")
+    assert fwd.compiled
+    misses[0] += 1
+    fwd.step_done(100.0, 50, compiled=True)
+    entry = memory.recall("first")
+    assert entry["compile_s"] == 100.0 and not entry["from_cache"] and entry["speedup"] is None

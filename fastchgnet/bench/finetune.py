@@ -144,7 +144,18 @@ def run_ours(files: dict[str, str], seed: int, work: Path, *, epochs: int = 3,
             "wall_s": stamps[-1][0] if stamps else float("nan"),
             "cpu_s": stamps[-1][1] if stamps else float("nan"), "total_s": total, "epochs": curve,
             "test": _units(result), "best_epoch": result.get("best", {}).get("epoch"),
-            "options": options or {}}
+            "options": options or {},
+            # whether the run compiled its step, when and from what (Inductor's cache or not)
+            "compile_log": [m for m in lines if m.startswith("compile:")],
+            "compile_record": _compile_record()}
+
+
+def _compile_record() -> dict[str, Any] | None:
+    """The entry of fastchgnet.compile.memory for the fine-tuned model's step after the run."""
+    from fastchgnet import load_model
+    from fastchgnet.compile import memory
+
+    return memory.recall(memory.step_key(load_model("0.3.0"), ddp=False))  # as the trainer
 
 
 def run_chgnet(files: dict[str, str], seed: int, work: Path, *, epochs: int = 3,

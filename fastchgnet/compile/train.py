@@ -34,15 +34,24 @@ from typing import Any, Callable
 
 import torch
 
+from fastchgnet.compile import memory
 from fastchgnet.compile.auto import compile_error, compiler_available
 from fastchgnet.compile.settings import compile_callable
 
-__all__ = ["COMPILE_AFTER_S", "TRIAL_STEPS", "TrainForward", "resolve_train_compile"]
+__all__ = ["ASSUMED_SPEEDUP", "COMPILE_AFTER_S", "RECALL_AFTER_STEPS", "RECALL_MARGIN", "TRIAL_STEPS",
+           "TrainForward", "resolve_train_compile"]
 
 #: seconds of eager training steps after which ``"auto"`` compiles (about one compilation)
 COMPILE_AFTER_S = 120.0
 #: compiled steps compared with the last eager ones after ``"auto"`` compiled
 TRIAL_STEPS = 5
+#: eager steps (the first warms up) before ``"auto"`` acts on a recalled compilation
+RECALL_AFTER_STEPS = 3
+#: a recalled compilation is made when the steps left would save this many times its cost
+RECALL_MARGIN = 1.5
+#: speed-up assumed for a recalled compilation whose speed-up was not measured (``--compile``
+#: runs have no eager steps); the exact model's compiled step measured 1.5-2.2x on CPUs
+ASSUMED_SPEEDUP = 1.5
 OFF = ("off", "never", "none", "false")
 
 
@@ -61,7 +70,8 @@ class TrainForward:
     def __init__(self, eager: Callable[..., Any], policy: str | None, *, device: torch.device,
                  can_auto: bool, fullgraph: bool = True,
                  compile_after_s: float = COMPILE_AFTER_S, auto_backend: str = "inductor",
-                 log: Callable[[str], None] = lambda msg: None) -> None:
+                 log: Callable[[str], None] = lambda msg: None,
+                 memory_key: str | None = None) -> None:
         self.eager, self.device, self.log = eager, torch.device(device), log
         self.auto_backend = auto_backend
         self.policy = resolve_train_compile(policy)
@@ -73,6 +83,14 @@ class TrainForward:
         self._eager_per_atom: list[float] = []
         self._eager_step: list[float] = []
         self._trial: list[float] | None = None
+        self._first_compiled_s: float | None = None
+        self._from_cache = self._expected_cached = False
+        self._misses = 0  # cache misses before the compilation
+        # Inductor compiles; memory_key: this step's key in fastchgnet.compile.memory
+        inductor = (self.auto and auto_backend == "inductor") or self.policy == "inductor"
+        self.memory_key = memory_key if inductor else None
+        self.recalled = (memory.recall(memory_key) if self.auto and self.memory_key is not None
+                         else None)
         if self.policy not in (None, "auto"):
             self._compile(self.policy, f"--compile {self.policy}")
 
@@ -92,6 +110,7 @@ class TrainForward:
                 self.log(f"compile: training eagerly, cannot compile here ({reason})")
                 return
         self._fn = compile_callable(self.eager, backend=backend, fullgraph=self.fullgraph)
+        self._misses = memory.cache_misses()
         self.mode = "compiled"
         self.log(f"compile: compiling the training step ({backend}, dynamic shapes): {why}; "
                  "the next step includes the compilation")
@@ -107,6 +126,13 @@ class TrainForward:
                   remaining_steps: int | None = None) -> None:
         """Record a finished step (``compiled``: it ran compiled; ``remaining_steps``: how many
         the run still plans); ``"auto"`` decides here."""
+        if compiled and self._first_compiled_s is None:  # the step that compiled
+            self._first_compiled_s = seconds
+            self._from_cache = memory.cache_misses() == self._misses
+            if self.memory_key is not None and not self.auto:  # --compile: no eager steps
+                before = memory.recall(self.memory_key) or {}
+                memory.remember(self.memory_key, seconds, before.get("speedup"),
+                                from_cache=self._from_cache)
         if not self.auto:
             return
         per_atom = seconds / max(n_atoms, 1)
@@ -116,10 +142,23 @@ class TrainForward:
             self.eager_s += seconds
             self._eager_step = (self._eager_step + [seconds])[-TRIAL_STEPS:]
             self._eager_per_atom = (self._eager_per_atom + [per_atom])[-TRIAL_STEPS:]
-            # what is left must be worth a compilation: at the measured speed-up (1.8x) the
-            # remaining eager time has to be about twice the compile time
             left = (statistics.mean(self._eager_step) * remaining_steps
                     if remaining_steps is not None else float("inf"))
+            if self.recalled is not None and len(self._eager_step) >= RECALL_AFTER_STEPS:
+                rec, self.recalled = self.recalled, None  # decided once
+                cost = memory.expected_cost(rec)
+                speedup = rec.get("speedup") or ASSUMED_SPEEDUP
+                saving = left * (1 - 1 / speedup) if speedup > 1 else 0.0
+                if cost is not None and saving >= RECALL_MARGIN * cost:
+                    self._trial = None
+                    self._expected_cached = True
+                    self._compile(self.auto_backend,
+                                  f"this step was compiled here before (Inductor's cache: about "
+                                  f"{cost:.0f} s now) and ran {speedup:.2f}x faster; the "
+                                  f"{remaining_steps} steps left would save about {saving:.0f} s")
+                    return
+            # what is left must be worth a compilation: at the measured speed-up (1.8x) the
+            # remaining eager time has to be about twice the compile time
             if self.eager_s >= self.compile_after_s and left >= 2 * self.compile_after_s:
                 self._trial = None
                 self._compile(self.auto_backend, f"the eager steps took {self.eager_s:.0f} s "
@@ -135,6 +174,9 @@ class TrainForward:
         if len(self._trial) < TRIAL_STEPS:
             return
         t_c, t_e = statistics.median(self._trial), statistics.median(self._eager_per_atom)
+        if self.memory_key is not None and self._first_compiled_s is not None:
+            memory.remember(self.memory_key, self._first_compiled_s, t_e / t_c,
+                            from_cache=self._from_cache, expected_cached=self._expected_cached)
         if t_c > 0.95 * t_e:
             self._fn = None
             self.mode = "eager (not faster)"

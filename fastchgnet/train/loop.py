@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from fastchgnet.device import flush_denormals, resolve_device
 from fastchgnet.compile import check_first_order
+from fastchgnet.compile.memory import step_key
 from fastchgnet.compile.train import TrainForward, resolve_train_compile
 from fastchgnet.model.exact import CHGNet
 from fastchgnet.model.weights import save_checkpoint
@@ -118,7 +119,8 @@ class Trainer:
         # buckets, so the all-reduce still overlaps the backward): no fullgraph
         self._forward = TrainForward(eager, policy, device=self.device,
                                      can_auto=self.ddp is None and self.device.type == "cpu",
-                                     fullgraph=self.ddp is None, log=self.log)
+                                     fullgraph=self.ddp is None, log=self.log,
+                                     memory_key=step_key(self.model, ddp=self.ddp is not None))
         self.steps_per_epoch = len(self.sampler)
         self.optimizer = make_optimizer(self.model, config.learning_rate, config.weight_decay)
         two = config.stage_two_start is not None and config.stage_two_lr is not None
