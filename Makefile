@@ -31,6 +31,7 @@ test: env
 
 # speed ratios against chgnet, saved as pytest-benchmark JSON (extra_info["ratio"] per case)
 BENCH_JSON ?= .benchmarks/latest.json
+BENCH_BASELINE ?= benchmarks/baseline.json
 BENCH_PATHS ?= benchmarks
 BENCH_ARGS ?=
 # the benchmark-only peers (matgl's CHGNet), installed beside the test extra
@@ -45,11 +46,11 @@ bench: env $(VENV)/.bench-installed
 # the regression gate: fails, naming the case, when a ratio fell more than the margin below
 # benchmarks/baseline.json (run `make bench` first)
 bench-check: env
-	$(PY) -m fastchgnet.bench.gate check $(BENCH_JSON)
+	$(PY) -m fastchgnet.bench.gate check $(BENCH_JSON) --baseline $(BENCH_BASELINE)
 
 # write benchmarks/baseline.json from the last `make bench` (commit it, with the machine it names)
 bench-baseline: env
-	$(PY) -m fastchgnet.bench.gate update $(BENCH_JSON)
+	$(PY) -m fastchgnet.bench.gate update $(BENCH_JSON) --baseline $(BENCH_BASELINE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks build *.egg-info

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 
+from fastchgnet.bench.common import _cpu_model  # noqa: E402  (the processor generation)
 from fastchgnet.bench.common import (
     bench_device_from_env,
     bench_structures,
@@ -62,6 +63,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     machine_info["fastchgnet_runtime"] = runtime_setting()
+    machine_info["fastchgnet_cpu_model"] = _cpu_model()  # "AMD EPYC" spans several generations
 
 
 @pytest.fixture(autouse=True)

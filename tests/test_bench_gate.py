@@ -47,3 +47,25 @@ def test_update_then_check(tmp_path, capsys):
     assert main(["check", str(_run(tmp_path, "r2.json", {"x": 2.0, "y": 2.0})),
                  "--baseline", str(baseline)]) == 1
     assert "REGRESSION x: ratio 2.00x, baseline 4.00x" in capsys.readouterr().out
+
+
+def test_a_baseline_from_another_processor_is_named(tmp_path, capsys):
+    """"AMD EPYC" spans generations whose ratios differ: the gate says when the run's processor
+    (family/model, recorded by benchmarks/conftest.py) is not the baseline's."""
+    def run(name, model):
+        path = _run(tmp_path, name, {"x": 4.0})
+        doc = json.loads(path.read_text())
+        doc["machine_info"] = {"cpu": {"brand_raw": "AMD EPYC", "count": 2},
+                               "fastchgnet_cpu_model": model}
+        path.write_text(json.dumps(doc))
+        return path
+
+    baseline = tmp_path / "baseline.json"
+    assert main(["update", str(run("a.json", "family 26 model 2")), "--baseline", str(baseline)]) == 0
+    assert json.loads(baseline.read_text())["machine"]["cpu_model"] == "family 26 model 2"
+    capsys.readouterr()
+    assert main(["check", str(run("b.json", "family 26 model 2")), "--baseline", str(baseline)]) == 0
+    assert "ratios differ between processors" not in capsys.readouterr().out
+    assert main(["check", str(run("c.json", "family 25 model 17")), "--baseline", str(baseline)]) == 0
+    out = capsys.readouterr().out
+    assert "family 26 model 2" in out and "family 25 model 17" in out and "BENCH_BASELINE" in out

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["DEFAULT_BASELINE", "DEFAULT_MARGIN", "compare", "main", "ratios_of"]
+__all__ = ["DEFAULT_BASELINE", "DEFAULT_MARGIN", "compare", "machine_note", "main", "ratios_of"]
 
 DEFAULT_BASELINE = Path("benchmarks/baseline.json")
 #: a ratio may fall by this fraction of its baseline before the gate fails: CPU ratios measured on
@@ -52,6 +52,20 @@ def ratios_of(results: dict[str, Any]) -> dict[str, float]:
             if isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0:
                 out[name] = float(ratio)
     return out
+
+
+def machine_note(baseline: dict[str, Any], machine_info: dict[str, Any]) -> str | None:
+    """A note when the run's processor is not the baseline's (same brand, another generation or
+    vendor): ratios differ between processors, so a failure may be the machine, not the change."""
+    here = (machine_info.get("cpu") or {}).get("brand_raw"), machine_info.get("fastchgnet_cpu_model")
+    there = baseline.get("cpu"), baseline.get("cpu_model")
+    if None in here or None in there or here == there:
+        return None
+    return (f"the baseline was measured on {there[0]} ({there[1]}), this run on {here[0]} "
+            f"({here[1]}): ratios differ between processors; to judge a change on this machine, "
+            "write a baseline here before the change (make bench, then make bench-baseline "
+            "BENCH_BASELINE=/tmp/here.json) and check the change against it (make bench-check "
+            "BENCH_BASELINE=/tmp/here.json)")
 
 
 def compare(current: dict[str, float], baseline: dict[str, float],
@@ -101,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc = {"ratios": current, "margin": args.margin,
                "machine": {"python": machine.get("python_version"),
                            "cpu": (machine.get("cpu") or {}).get("brand_raw"),
+                           "cpu_model": machine.get("fastchgnet_cpu_model"),
                            "cores": (machine.get("cpu") or {}).get("count")},
                "commit": results.get("commit_info", {}).get("id"),
                "datetime": results.get("datetime")}
@@ -108,8 +123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.baseline.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
         print(f"baseline written: {args.baseline} ({len(current)} cases)")
         return 0
-    baseline = _load(args.baseline, "baseline")["ratios"]
+    base_doc = _load(args.baseline, "baseline")
+    baseline = base_doc["ratios"]
     failures, notes = compare(current, baseline, args.margin)
+    note = machine_note(base_doc.get("machine") or {}, results.get("machine_info") or {})
+    if note:
+        notes.insert(0, note)
     for line in notes:
         print(f"note: {line}")
     for line in failures:

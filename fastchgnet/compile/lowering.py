@@ -29,6 +29,18 @@ once, when :func:`~fastchgnet.compile.compile_callable` first runs; where this t
 Inductor lacks a piece it needs, nothing is registered and the op is called as before.
 Inductor's on-disk cache does not key on lowerings: a graph it compiled before this lowering
 existed keeps calling the op as before (the same values) until that cache is cleared.
+
+A compiled *training* step of a model with autograd forces traces no ``onednn_linear``: it takes
+the forces with ``torch.func.grad``, under which the model's products are plain ``F.linear``, so
+its forward and backward graphs hold ``aten.mm``/``aten.addmm`` (about 300 in the exact model's
+step), which Inductor calls as MKL's product. :func:`gemm_pass` is an Inductor post-grad pass
+(``post_grad_custom_post_pass``, set by :func:`~fastchgnet.compile.compile_callable` where
+oneDNN is preferred) that rewrites each float32 CPU one into ``fastchgnet::cpu_mm`` (the bias
+as an addition Inductor fuses), which takes oneDNN from :data:`~fastchgnet.nn.linear.MIN_ROWS`
+rows, also for weight gradients (a reduction over the rows), and ``mm`` otherwise. The pass has
+a ``uuid``, so Inductor's cache keys on it. Measured on the Zen 5 VM, 1 thread: the exact
+model's training step at batch 8 (112 atoms) took 324 ms with it against 508 ms without
+(chgnet's: 1,814 and 1,879 ms in the same runs).
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ float32 CPU call to oneDNN and everything else to ``addmm``:
   ``fastchgnet::onednn_linear`` (a size test would add a guard), which Inductor lowers to
   ``fastchgnet::cpu_linear``: oneDNN from :data:`MIN_ROWS` rows, MKL below, chosen at each
   call (:mod:`fastchgnet.compile.lowering`). On the Zen 5 VM the 512-atom MD step took 135 ms
-  compiled with oneDNN products against 169 ms with MKL's. ``torch.export`` gets ``F.linear`` (a
+  compiled with oneDNN products against 169 ms with MKL's. A compiled training step traces
+  plain products (``torch.func``); Inductor's post-grad pass turns them into
+  ``fastchgnet::cpu_mm``, which chooses the same way. ``torch.export`` gets ``F.linear`` (a
   saved program must run without fastchgnet);
 * autograd: the input gradient ``g @ weight`` is the same product with the transposed weight,
   computed by the same function, so it is differentiable again (forces that are trained need
