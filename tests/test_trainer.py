@@ -104,6 +104,20 @@ def test_epoch_sampler_covers_every_sample_once_and_is_deterministic():
     assert len(EpochBatchSampler(7, 3, drop_last=True)) == 2
 
 
+def test_training_batches_never_hold_a_single_structure():
+    """The trainer's sampler (no_single): a last batch of one shares the previous batch's
+    samples evenly; every sample still once, the number of steps unchanged."""
+    assert list(EpochBatchSampler(7, 3, shuffle=False, no_single=True)) == [[0, 1, 2], [3, 4], [5, 6]]
+    for n, b in ((17, 8), (25, 8), (9, 8), (1, 8), (24, 8), (23, 8), (5, 1)):
+        s = EpochBatchSampler(n, b, seed=2, no_single=True)
+        batches = list(s)
+        assert len(batches) == len(s) == len(EpochBatchSampler(n, b))
+        assert sorted(i for x in batches for i in x) == list(range(n))
+        if n > 1 and b > 1:
+            assert min(len(x) for x in batches) >= 2, (n, b, batches)
+    assert [len(x) for x in EpochBatchSampler(17, 8, no_single=True)] == [8, 5, 4]
+
+
 def test_dataset_and_collator_give_labelled_batches(tmp_path):
     structs = random_structures(5, seed=2, max_atoms=6)
     magmoms = [None if i % 2 else np.full(len(s), 0.5) for i, s in enumerate(structs)]

@@ -45,8 +45,8 @@ __all__ = ["ASSUMED_SPEEDUP", "COMPILE_AFTER_S", "RECALL_AFTER_STEPS", "RECALL_M
 COMPILE_AFTER_S = 120.0
 #: compiled steps compared with the last eager ones after ``"auto"`` compiled
 TRIAL_STEPS = 5
-#: eager steps (the first warms up) before ``"auto"`` acts on a recalled compilation
-RECALL_AFTER_STEPS = 3
+#: eager steps before ``"auto"`` acts on a recalled compilation (one: the step time it needs)
+RECALL_AFTER_STEPS = 1
 #: a recalled compilation is made when the steps left would save this many times its cost
 RECALL_MARGIN = 1.5
 #: speed-up assumed for a recalled compilation whose speed-up was not measured (``--compile``
@@ -129,10 +129,11 @@ class TrainForward:
         if compiled and self._first_compiled_s is None:  # the step that compiled
             self._first_compiled_s = seconds
             self._from_cache = memory.cache_misses() == self._misses
-            if self.memory_key is not None and not self.auto:  # --compile: no eager steps
+            if self.memory_key is not None:  # the speed-up: the last measured (trial below)
                 before = memory.recall(self.memory_key) or {}
                 memory.remember(self.memory_key, seconds, before.get("speedup"),
-                                from_cache=self._from_cache)
+                                from_cache=self._from_cache,
+                                expected_cached=self._expected_cached)
         if not self.auto:
             return
         per_atom = seconds / max(n_atoms, 1)

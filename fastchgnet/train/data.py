@@ -98,16 +98,21 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
     * ``shuffle=False`` keeps the dataset order (validation, test);
     * ``drop_last=False`` (default): the last batch of an epoch may be smaller — every sample is
       used exactly once per epoch;
+    * ``no_single=True`` (the trainer's): when that last batch would hold a single structure, the
+      last two batches share their samples evenly instead (``B + 1`` as ``ceil`` and ``floor`` of
+      half), so no training batch has one structure: a compiled training step traced with
+      several structures guards on that (Inductor specialises a view on it) and would compile a
+      second graph, about two minutes on a 2-core CPU, for one batch per epoch;
     * ``set_epoch(e)`` selects the epoch, ``skip(k)`` starts the next iteration after the first
       ``k`` batches (resuming in the middle of an epoch).
     """
 
     def __init__(self, n: int, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, no_single: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         self.n, self.batch_size, self.shuffle = int(n), int(batch_size), shuffle
-        self.seed, self.drop_last = int(seed), drop_last
+        self.seed, self.drop_last, self.no_single = int(seed), drop_last, no_single
         self.epoch = 0
         self._skip = 0
 
@@ -128,6 +133,10 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
         out = [order[i:i + self.batch_size] for i in cuts]
         if self.drop_last and out and len(out[-1]) < self.batch_size:
             out.pop()
+        if self.no_single and len(out) >= 2 and len(out[-1]) == 1:
+            both = np.concatenate(out[-2:])
+            half = (len(both) + 1) // 2
+            out[-2:] = [both[:half], both[half:]]
         return out
 
     def __len__(self) -> int:

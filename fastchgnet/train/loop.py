@@ -102,7 +102,7 @@ class Trainer:
         self.ddp: nn.Module | None = None
         if dist is None:
             self.sampler = EpochBatchSampler(len(train_set), config.batch_size, shuffle=True,
-                                             seed=config.seed)
+                                             seed=config.seed, no_single=True)
         else:
             # costs of every training sample (3 numbers each, from the cache's pointers): each rank
             # partitions every global batch the same way without communicating
