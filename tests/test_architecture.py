@@ -34,7 +34,7 @@ ROOMS = {
     "data": set(),
     "model": {"nn", "data"},
     "sim": {"nn", "data", "model"},
-    "compile": {"kernels", "data", "model"},
+    "compile": {"kernels", "nn", "data", "model"},
     "md": {"data", "model", "sim", "compile"},
     "compat": {"data", "model", "sim", "compile", "md"},  # chgnet's API on ours (above md)
     "train": {"data", "model", "compile"},

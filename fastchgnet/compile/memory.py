@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -61,8 +62,6 @@ def step_key(model: torch.nn.Module, task: str = "efsm", **extra: Any) -> str:
     """A key for the compiled training step of ``model``: its class, output stage, configuration,
     parameter dtype and device type, the task, and the torch and fastchgnet versions (what
     decides the traced graph; ``extra``: anything else that does)."""
-    from fastchgnet import __version__
-
     config = getattr(model, "config", None)
     param = next(model.parameters(), None)
     parts = {
@@ -71,10 +70,18 @@ def step_key(model: torch.nn.Module, task: str = "efsm", **extra: Any) -> str:
         "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config),
         "dtype": str(param.dtype) if param is not None else None,
         "device": param.device.type if param is not None else None,
-        "task": task, "torch": torch.__version__, "fastchgnet": __version__, **extra,
+        "task": task, "torch": torch.__version__, "fastchgnet": _version(), **extra,
     }
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _version() -> str | None:
+    """fastchgnet's installed version (the package itself is a room above this one)."""
+    try:
+        return importlib.metadata.version("fastchgnet")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _read(path: Path) -> dict[str, Any]:
