@@ -142,6 +142,13 @@ def test_step_key_tells_models_dtypes_and_tasks_apart():
     assert step_key(a) == step_key(b)
     assert step_key(a) != step_key(a, task="ef") != step_key(a.double())
     assert step_key(b) != step_key(CHGNet(**{**small, "n_conv": 3}))
+    threads = torch.get_num_threads()
+    try:  # Inductor's CPU kernels are compiled for a thread count
+        torch.set_num_threads(threads + 1)
+        other = step_key(a)
+    finally:
+        torch.set_num_threads(threads)
+    assert other != step_key(a)
 
 
 def _auto(key="step"):

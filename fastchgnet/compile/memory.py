@@ -60,8 +60,9 @@ def record_path() -> Path | None:
 
 def step_key(model: torch.nn.Module, task: str = "efsm", **extra: Any) -> str:
     """A key for the compiled training step of ``model``: its class, output stage, configuration,
-    parameter dtype and device type, the task, and the torch and fastchgnet versions (what
-    decides the traced graph; ``extra``: anything else that does)."""
+    parameter dtype and device type, the task, the torch and fastchgnet versions, and the torch
+    thread count (Inductor's CPU kernels are compiled for it, so another count compiles anew)
+    — what decides the compiled code; ``extra``: anything else that does."""
     config = getattr(model, "config", None)
     param = next(model.parameters(), None)
     parts = {
@@ -70,7 +71,8 @@ def step_key(model: torch.nn.Module, task: str = "efsm", **extra: Any) -> str:
         "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config),
         "dtype": str(param.dtype) if param is not None else None,
         "device": param.device.type if param is not None else None,
-        "task": task, "torch": torch.__version__, "fastchgnet": _version(), **extra,
+        "task": task, "torch": torch.__version__, "fastchgnet": _version(),
+        "threads": torch.get_num_threads(), **extra,
     }
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
