@@ -169,7 +169,7 @@ def test_auto_compiles_early_where_this_step_compiled_before(inductor_dir):
     assert not fwd.compiled
     memory.remember("step", 60.0, 2.0, from_cache=False)  # a first compilation filled the cache
     fwd, logs = _auto()
-    for i in range(RECALL_AFTER_STEPS):
+    for i in range(RECALL_AFTER_STEPS + 1):  # the first step warms up: not counted
         assert not fwd.compiled
         fwd.step_done(1.0, 100, compiled=False, remaining_steps=75)
     # 75 s left at 2x: saves 37 s >= 1.5 x 6 s expected from the cache
@@ -181,12 +181,12 @@ def test_auto_compiles_early_where_this_step_compiled_before(inductor_dir):
     assert entry["from_cache"] and entry["compile_s"] == 5.0 and entry["speedup"] == 2.0
     # too little left for the expected cost: eager
     fwd, _ = _auto()
-    for _ in range(RECALL_AFTER_STEPS):
+    for _ in range(RECALL_AFTER_STEPS + 1):
         fwd.step_done(1.0, 100, compiled=False, remaining_steps=10)
     assert not fwd.compiled
     # a compilation expected from the cache that compiled from scratch is not counted on again
     fwd, _ = _auto()
-    for _ in range(RECALL_AFTER_STEPS):
+    for _ in range(RECALL_AFTER_STEPS + 1):
         fwd.step_done(1.0, 100, compiled=False, remaining_steps=75)
     assert fwd.compiled
     misses[0] += 2
@@ -211,3 +211,21 @@ def test_compile_at_the_first_step_is_remembered(inductor_dir):
     fwd.step_done(100.0, 50, compiled=True)
     entry = memory.recall("first")
     assert entry["compile_s"] == 100.0 and not entry["from_cache"] and entry["speedup"] is None
+
+
+def test_the_first_eager_step_is_not_the_reference(inductor_dir):
+    """The run's first step warms up (allocations, lazy set-up): the speed-up a trial measures,
+    and records, compares compiled steps with the eager steps after it."""
+    from fastchgnet.compile import memory
+
+    fwd, logs = _forward("auto", after=40.0)
+    fwd.memory_key = "warm"
+    fwd.step_done(30.0, 100, compiled=False, remaining_steps=100)  # warm-up: slow
+    for _ in range(3):
+        fwd.step_done(4.0, 100, compiled=False, remaining_steps=100)
+    assert fwd.compiled  # 42 s of eager steps >= 40 s
+    fwd.step_done(20.0, 100, compiled=True)
+    for _ in range(TRIAL_STEPS):
+        fwd.step_done(2.0, 100, compiled=True)
+    assert any("(2.00x); keeping them" in m for m in logs), logs
+    assert memory.recall("warm")["speedup"] == 2.0

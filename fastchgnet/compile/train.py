@@ -17,7 +17,9 @@ Policies (``TrainConfig.compile``):
   2-core CPU and made the exact model's step 1.8x faster there (docs/performance.md), so a short
   fine-tune never pays it and a long run loses at most about that time against the right choice
   made in advance. After compiling, the first
-  :data:`TRIAL_STEPS` compiled steps are compared, per atom, with the last eager ones; when they
+  :data:`TRIAL_STEPS` compiled steps are compared, per unit of work (atoms + directed bonds +
+  angles, the load balancer's cost), with the last eager ones (not the run's first step, which
+  warms up); when they
   are not at least 5 % faster, training goes back to eager for good. On CUDA and in distributed
   runs ``"auto"`` stays eager (not measured there);
 * ``"off"`` / None: always eager.
@@ -45,8 +47,10 @@ __all__ = ["ASSUMED_SPEEDUP", "COMPILE_AFTER_S", "RECALL_AFTER_STEPS", "RECALL_M
 COMPILE_AFTER_S = 120.0
 #: compiled steps compared with the last eager ones after ``"auto"`` compiled
 TRIAL_STEPS = 5
-#: eager steps before ``"auto"`` acts on a recalled compilation (one: the step time it needs)
-RECALL_AFTER_STEPS = 1
+#: eager steps before ``"auto"`` acts on a recalled compilation: the step time it needs, and
+#: enough eager steps for the trial to measure the speed-up it records for the next run (on 2
+#: threads the compiled step was only 1.2x faster, too little to pay 8 s in a 3-epoch fine-tune)
+RECALL_AFTER_STEPS = 3
 #: a recalled compilation is made when the steps left would save this many times its cost
 RECALL_MARGIN = 1.5
 #: speed-up assumed for a recalled compilation whose speed-up was not measured (``--compile``
@@ -85,6 +89,7 @@ class TrainForward:
         self._trial: list[float] | None = None
         self._first_compiled_s: float | None = None
         self._from_cache = self._expected_cached = False
+        self._eager_steps = 0
         self._misses = 0  # cache misses before the compilation
         # Inductor compiles; memory_key: this step's key in fastchgnet.compile.memory
         inductor = (self.auto and auto_backend == "inductor") or self.policy == "inductor"
@@ -122,7 +127,7 @@ class TrainForward:
         self.log(f"compile: the compiled training step failed ({compile_error(exc)}); "
                  "training eagerly from now on")
 
-    def step_done(self, seconds: float, n_atoms: int, compiled: bool,
+    def step_done(self, seconds: float, work: int, compiled: bool,
                   remaining_steps: int | None = None) -> None:
         """Record a finished step (``compiled``: it ran compiled; ``remaining_steps``: how many
         the run still plans); ``"auto"`` decides here."""
@@ -136,11 +141,14 @@ class TrainForward:
                                 expected_cached=self._expected_cached)
         if not self.auto:
             return
-        per_atom = seconds / max(n_atoms, 1)
+        per_atom = seconds / max(work, 1)  # per unit of work (atoms + directed bonds + angles)
         if not compiled:
             if self.mode != "eager":
                 return
             self.eager_s += seconds
+            self._eager_steps += 1
+            if self._eager_steps == 1:  # the first step warms up (allocations, lazy set-up)
+                return
             self._eager_step = (self._eager_step + [seconds])[-TRIAL_STEPS:]
             self._eager_per_atom = (self._eager_per_atom + [per_atom])[-TRIAL_STEPS:]
             left = (statistics.mean(self._eager_step) * remaining_steps
@@ -181,8 +189,8 @@ class TrainForward:
         if t_c > 0.95 * t_e:
             self._fn = None
             self.mode = "eager (not faster)"
-            self.log(f"compile: compiled steps are not faster here ({1e6 * t_c:.0f} vs "
-                     f"{1e6 * t_e:.0f} µs per atom eager); training eagerly from now on")
+            self.log(f"compile: compiled steps are not faster here ({1e9 * t_c:.0f} vs "
+                     f"{1e9 * t_e:.0f} ns per unit of work eager); training eagerly from now on")
         else:
-            self.log(f"compile: compiled steps {1e6 * t_c:.0f} µs per atom against "
-                     f"{1e6 * t_e:.0f} eager ({t_e / t_c:.2f}x); keeping them")
+            self.log(f"compile: compiled steps {1e9 * t_c:.0f} ns per unit of work (atom, bond, "
+                     f"angle) against {1e9 * t_e:.0f} eager ({t_e / t_c:.2f}x); keeping them")

@@ -301,8 +301,8 @@ class Trainer:
             self.ema.update()
         if compiled is not None:  # CPU wall time (the "auto" policy runs on the CPU only)
             left = self.cfg.epochs * self.steps_per_epoch - self.step - 1
-            self._forward.step_done(time.perf_counter() - t0, int(batch.positions.shape[0]),
-                                    compiled, remaining_steps=left)
+            work = batch.num_atoms + 2 * batch.num_bonds + batch.num_angles  # as the balancer
+            self._forward.step_done(time.perf_counter() - t0, work, compiled, remaining_steps=left)
         return share.detach()
 
     def _loss_backward(self, batch: Any, targets: Any) -> Tensor:
