@@ -22,6 +22,10 @@ Policies (``TrainConfig.compile``):
   warms up); when they
   are not at least 5 % faster, training goes back to eager for good. On CUDA and in distributed
   runs ``"auto"`` stays eager (not measured there);
+  Where this machine compiled the same step before (:mod:`fastchgnet.compile.memory`, a record
+  beside Inductor's on-disk cache), ``"auto"`` compiles after :data:`RECALL_AFTER_STEPS` eager
+  steps instead, when the steps left would save :data:`RECALL_MARGIN` times the expected compile
+  time at the recorded speed-up;
 * ``"off"`` / None: always eager.
 
 A compiled step that raises (no C++ compiler, an unsupported batch) is run again eagerly and the
@@ -84,7 +88,7 @@ class TrainForward:
         self.mode = "eager"  # "eager", "compiled", "eager (fallback)", "eager (not faster)"
         self.eager_s = 0.0
         self._fn: Callable[..., Any] | None = None
-        self._eager_per_atom: list[float] = []
+        self._eager_per_work: list[float] = []
         self._eager_step: list[float] = []
         self._trial: list[float] | None = None
         self._first_compiled_s: float | None = None
@@ -141,7 +145,7 @@ class TrainForward:
                                 expected_cached=self._expected_cached)
         if not self.auto:
             return
-        per_atom = seconds / max(work, 1)  # per unit of work (atoms + directed bonds + angles)
+        per_work = seconds / max(work, 1)  # per unit of work (atoms + directed bonds + angles)
         if not compiled:
             if self.mode != "eager":
                 return
@@ -150,7 +154,7 @@ class TrainForward:
             if self._eager_steps == 1:  # the first step warms up (allocations, lazy set-up)
                 return
             self._eager_step = (self._eager_step + [seconds])[-TRIAL_STEPS:]
-            self._eager_per_atom = (self._eager_per_atom + [per_atom])[-TRIAL_STEPS:]
+            self._eager_per_work = (self._eager_per_work + [per_work])[-TRIAL_STEPS:]
             left = (statistics.mean(self._eager_step) * remaining_steps
                     if remaining_steps is not None else float("inf"))
             if self.recalled is not None and len(self._eager_step) >= RECALL_AFTER_STEPS:
@@ -177,12 +181,12 @@ class TrainForward:
             self._trial = []
             self.log(f"compile: the first compiled step took {seconds:.1f} s")
             return
-        if len(self._trial) >= TRIAL_STEPS or len(self._eager_per_atom) < 3:
+        if len(self._trial) >= TRIAL_STEPS or len(self._eager_per_work) < 3:
             return
-        self._trial.append(per_atom)
+        self._trial.append(per_work)
         if len(self._trial) < TRIAL_STEPS:
             return
-        t_c, t_e = statistics.median(self._trial), statistics.median(self._eager_per_atom)
+        t_c, t_e = statistics.median(self._trial), statistics.median(self._eager_per_work)
         if self.memory_key is not None and self._first_compiled_s is not None:
             memory.remember(self.memory_key, self._first_compiled_s, t_e / t_c,
                             from_cache=self._from_cache, expected_cached=self._expected_cached)
