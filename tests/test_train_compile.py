@@ -229,3 +229,21 @@ def test_the_first_eager_step_is_not_the_reference(inductor_dir):
         fwd.step_done(2.0, 100, compiled=True)
     assert any("(2.00x); keeping them" in m for m in logs), logs
     assert memory.recall("warm")["speedup"] == 2.0
+
+
+@pytest.mark.parametrize("compiled_s, kept", [(1.05, True), (1.2, False)])
+def test_a_recalled_compilation_goes_back_only_when_clearly_slower(inductor_dir, compiled_s, kept):
+    from fastchgnet.compile import memory
+    from fastchgnet.compile.train import RECALL_AFTER_STEPS
+
+    memory.remember("step", 5.0, 2.0, from_cache=True)
+    fwd, logs = _auto()
+    for _ in range(RECALL_AFTER_STEPS + 1):
+        fwd.step_done(1.0, 100, compiled=False, remaining_steps=75)
+    assert fwd.compiled
+    fwd.step_done(5.0, 100, compiled=True)
+    for _ in range(TRIAL_STEPS):
+        fwd.step_done(compiled_s, 100, compiled=True)
+    assert fwd.compiled is kept, logs
+    # the record: geometric mean with the speed-up measured before (2.0)
+    assert memory.recall("step")["speedup"] == pytest.approx((2.0 / compiled_s) ** 0.5, abs=1e-3)

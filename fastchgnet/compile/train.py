@@ -35,6 +35,7 @@ each call).
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any, Callable
 
@@ -55,6 +56,10 @@ TRIAL_STEPS = 5
 #: enough eager steps for the trial to measure the speed-up it records for the next run (on 2
 #: threads the compiled step was only 1.2x faster, too little to pay 8 s in a 3-epoch fine-tune)
 RECALL_AFTER_STEPS = 3
+#: compiled steps slower than this fraction of the eager time per unit of work are "not faster"
+NOT_FASTER = 0.95
+#: ... and this, after a compilation recalled from a record (which measured a speed-up before)
+RECALLED_SLOWER = 1.1
 #: a recalled compilation is made when the steps left would save this many times its cost
 RECALL_MARGIN = 1.5
 #: speed-up assumed for a recalled compilation whose speed-up was not measured (``--compile``
@@ -88,9 +93,9 @@ class TrainForward:
         self.mode = "eager"  # "eager", "compiled", "eager (fallback)", "eager (not faster)"
         self.eager_s = 0.0
         self._fn: Callable[..., Any] | None = None
-        self._eager_per_work: list[float] = []
+        self._eager_work: list[tuple[float, int]] = []  # (seconds, work) of recent eager steps
         self._eager_step: list[float] = []
-        self._trial: list[float] | None = None
+        self._trial: list[tuple[float, int]] | None = None
         self._first_compiled_s: float | None = None
         self._from_cache = self._expected_cached = False
         self._eager_steps = 0
@@ -145,7 +150,6 @@ class TrainForward:
                                 expected_cached=self._expected_cached)
         if not self.auto:
             return
-        per_work = seconds / max(work, 1)  # per unit of work (atoms + directed bonds + angles)
         if not compiled:
             if self.mode != "eager":
                 return
@@ -154,7 +158,7 @@ class TrainForward:
             if self._eager_steps == 1:  # the first step warms up (allocations, lazy set-up)
                 return
             self._eager_step = (self._eager_step + [seconds])[-TRIAL_STEPS:]
-            self._eager_per_work = (self._eager_per_work + [per_work])[-TRIAL_STEPS:]
+            self._eager_work = (self._eager_work + [(seconds, work)])[-TRIAL_STEPS:]
             left = (statistics.mean(self._eager_step) * remaining_steps
                     if remaining_steps is not None else float("inf"))
             if self.recalled is not None and len(self._eager_step) >= RECALL_AFTER_STEPS:
@@ -181,16 +185,23 @@ class TrainForward:
             self._trial = []
             self.log(f"compile: the first compiled step took {seconds:.1f} s")
             return
-        if len(self._trial) >= TRIAL_STEPS or len(self._eager_per_work) < 3:
+        if len(self._trial) >= TRIAL_STEPS or len(self._eager_work) < 3:
             return
-        self._trial.append(per_work)
+        self._trial.append((seconds, work))
         if len(self._trial) < TRIAL_STEPS:
             return
-        t_c, t_e = statistics.median(self._trial), statistics.median(self._eager_per_work)
+        # time per unit of work over all the steps (batches differ in size: a ratio of sums)
+        t_c, t_e = _rate(self._trial), _rate(self._eager_work)
         if self.memory_key is not None and self._first_compiled_s is not None:
-            memory.remember(self.memory_key, self._first_compiled_s, t_e / t_c,
+            # five steps are noisy: the record keeps the geometric mean with the speed-up measured
+            # before, so one low trial does not stop later runs from compiling (and re-measuring)
+            before = (memory.recall(self.memory_key) or {}).get("speedup")
+            speedup = t_e / t_c if not before else math.sqrt(before * t_e / t_c)
+            memory.remember(self.memory_key, self._first_compiled_s, speedup,
                             from_cache=self._from_cache, expected_cached=self._expected_cached)
-        if t_c > 0.95 * t_e:
+        # a compilation recalled from a record goes back to eager only when clearly slower: five
+        # steps of batches that differ are weak evidence against a speed-up measured before
+        if t_c > (RECALLED_SLOWER if self._expected_cached else NOT_FASTER) * t_e:
             self._fn = None
             self.mode = "eager (not faster)"
             self.log(f"compile: compiled steps are not faster here ({1e9 * t_c:.0f} vs "
@@ -198,3 +209,8 @@ class TrainForward:
         else:
             self.log(f"compile: compiled steps {1e9 * t_c:.0f} ns per unit of work (atom, bond, "
                      f"angle) against {1e9 * t_e:.0f} eager ({t_e / t_c:.2f}x); keeping them")
+
+
+def _rate(steps: list[tuple[float, int]]) -> float:
+    """Seconds per unit of work of ``(seconds, work)`` steps."""
+    return sum(t for t, _ in steps) / max(sum(w for _, w in steps), 1)
